@@ -1,0 +1,31 @@
+# Two commands: `make run` (the service on embedded defaults) and `make test` (the whole suite).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: run test lint venv clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+venv: $(BIN)/.installed
+
+## Migrate, build the demo model if missing, print an admin key, run API + worker + scheduler on SQLite.
+run: venv
+	$(BIN)/unlearnd up
+
+## Start PostgreSQL and Redis if they are down, lint, run every test.
+test: venv
+	bash .ci/services
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/pytest
+
+lint: venv
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) var

@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from app.adapters.models import AdapterVersion
+from app.adapters.schemas import AdapterVersionDetail, AdapterVersionOut
+from app.base_models.models import BaseModel
+from app.core.errors import NotFound
+
+
+def list_versions(session: Session, model: BaseModel) -> list[AdapterVersion]:
+    query = select(AdapterVersion).where(AdapterVersion.base_model_id == model.id).order_by(AdapterVersion.version)
+    return list(session.scalars(query))
+
+
+def get_version(session: Session, model: BaseModel, version: int) -> AdapterVersion:
+    row = session.scalar(
+        select(AdapterVersion).where(AdapterVersion.base_model_id == model.id, AdapterVersion.version == version)
+    )
+    if row is None:
+        raise NotFound(f"model '{model.name}' has no adapter version {version}")
+    return row
+
+
+def latest_version(session: Session, model: BaseModel) -> int | None:
+    return session.scalar(select(func.max(AdapterVersion.version)).where(AdapterVersion.base_model_id == model.id))
+
+
+def to_out(row: AdapterVersion) -> AdapterVersionOut:
+    return AdapterVersionOut(
+        model=row.base_model.name,
+        version=row.version,
+        parent_version=row.parent_version,
+        job_id=row.job_id,
+        artifact_uri=row.artifact_uri,
+        created_at=row.created_at,
+        metrics=row.metrics,
+    )
+
+
+def to_detail(row: AdapterVersion) -> AdapterVersionDetail:
+    return AdapterVersionDetail(**to_out(row).model_dump(), manifest=row.manifest)

@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import StreamingResponse
+
+from app.adapters import service
+from app.adapters.schemas import AdapterVersionDetail, AdapterVersionOut
+from app.adapters.store import MANIFEST, artifact_store
+from app.base_models.service import get_by_name
+from app.core.deps import ReaderKey, SessionDep, SettingsDep
+
+router = APIRouter(prefix="/models/{name}/adapters", tags=["adapters"])
+
+
+@router.get("")
+def list_adapter_versions(name: str, key: ReaderKey, session: SessionDep) -> list[AdapterVersionOut]:
+    return [service.to_out(v) for v in service.list_versions(session, get_by_name(session, name))]
+
+
+@router.get("/{version}")
+def get_adapter_version(name: str, version: int, key: ReaderKey, session: SessionDep) -> AdapterVersionDetail:
+    """The version's manifest (every file with size and sha256) and its evaluation metrics."""
+    return service.to_detail(service.get_version(session, get_by_name(session, name), version))
+
+
+@router.get("/{version}/files/{filename}", response_class=StreamingResponse)
+def download_adapter_file(
+    name: str, version: int, filename: str, key: ReaderKey, session: SessionDep, settings: SettingsDep
+) -> StreamingResponse:
+    """Stream one file of a published version; `X-Content-SHA256` lets the client verify it."""
+    row = service.get_version(session, get_by_name(session, name), version)
+    chunks = artifact_store(settings).open_file(name, version, filename)
+    headers = {"Content-Disposition": f'attachment; filename="{filename}"'}
+    if filename != MANIFEST:
+        headers["X-Content-SHA256"] = row.manifest["files"][filename]["sha256"]
+    return StreamingResponse(chunks, media_type="application/octet-stream", headers=headers)

@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import Field
+
+from app.core.schemas import Schema
+
+
+class BaseModelCreate(Schema):
+    name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    path: str = Field(min_length=1, max_length=1000, description="Local directory of a Hugging Face causal LM.")
+    tokenizer_path: str | None = Field(default=None, max_length=1000, description="Defaults to `path`.")
+    retain_corpus: str = Field(min_length=1, max_length=1000, description="JSONL of items the model must keep.")
+    holdout_corpus: str = Field(min_length=1, max_length=1000, description="JSONL of items it never saw.")
+    engine_config: dict = Field(default_factory=dict, description="Engine settings for this model's jobs.")
+
+
+class BaseModelOut(Schema):
+    name: str
+    path: str
+    tokenizer_path: str
+    weights_sha256: str
+    retain_corpus: str
+    holdout_corpus: str
+    engine_config: dict
+    current_version: int | None
+    created_at: datetime

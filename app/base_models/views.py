@@ -1,0 +1,22 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, status
+
+from app.base_models import service
+from app.base_models.schemas import BaseModelCreate, BaseModelOut
+from app.core.deps import AdminKey, ReaderKey, SessionDep
+
+router = APIRouter(prefix="/models", tags=["models"])
+
+
+@router.get("")
+def list_models(key: ReaderKey, session: SessionDep) -> list[BaseModelOut]:
+    return [BaseModelOut.model_validate(m) for m in service.list_models(session)]
+
+
+@router.post("", status_code=status.HTTP_201_CREATED)
+def register_model(body: BaseModelCreate, key: AdminKey, session: SessionDep) -> BaseModelOut:
+    """Register a Hugging Face causal LM from a local directory, with its retain and holdout corpora."""
+    model = service.register(session, body, key.actor)
+    session.commit()
+    return BaseModelOut.model_validate(model)

@@ -1,0 +1,207 @@
+"""The `unlearnd` command: run the API, the worker and the scheduler, migrate, build the demo model, manage keys."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from app.core.config import get_settings
+
+cli = typer.Typer(
+    help="unlearnd: make a language model forget data on request.", no_args_is_help=True, pretty_exceptions_enable=False
+)
+keys = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
+cli.add_typer(keys, name="keys")
+
+DEMO_MODEL_NAME = "demo"
+
+
+@cli.command()
+def migrate() -> None:
+    """Upgrade the database schema to the latest migration."""
+    from app.migrate import upgrade
+
+    upgrade(get_settings().database_url)
+    typer.echo("database is at the latest schema")
+
+
+@cli.command()
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    workers: Annotated[int, typer.Option(help="API worker processes.")] = 1,
+) -> None:
+    """Run the HTTP API (uvicorn)."""
+    import uvicorn
+
+    uvicorn.run(
+        "app.main:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level=get_settings().log_level.lower(),
+    )
+
+
+@cli.command()
+def worker(
+    queues: Annotated[str, typer.Option(help="Comma-separated queues to consume.")] = "gpu,default",
+    hostname: Annotated[str | None, typer.Option(help="Celery node name.")] = None,
+) -> None:
+    """Run a Celery worker. One process per GPU: the solo pool never forks after CUDA is initialised."""
+    from worker.celery_app import celery_app
+
+    argv = ["worker", "--pool", "solo", "--queues", queues, "--loglevel", get_settings().log_level]
+    if hostname:
+        argv += ["--hostname", hostname]
+    celery_app.worker_main(argv)
+
+
+@cli.command()
+def beat() -> None:
+    """Run the scheduler that batches pending requests into jobs at the configured interval."""
+    from worker.celery_app import celery_app
+
+    settings = get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    celery_app.start(["beat", "--loglevel", settings.log_level, "--schedule", str(settings.beat_schedule_file)])
+
+
+def _register_demo(name: str, demo) -> None:
+    from app.base_models.schemas import BaseModelCreate
+    from app.base_models.service import register
+    from app.core.db import session_scope
+    from app.core.errors import Conflict
+
+    body = BaseModelCreate(
+        name=name,
+        path=str(demo.model_dir),
+        retain_corpus=str(demo.retain_corpus),
+        holdout_corpus=str(demo.holdout_corpus),
+    )
+    with session_scope() as session:
+        try:
+            register(session, body, actor="cli")
+            session.commit()
+            typer.echo(f"registered model '{name}'")
+        except Conflict:
+            typer.echo(f"model '{name}' is already registered")
+
+
+@cli.command("demo-model")
+def demo_model(
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: <data_dir>/demo-model).")] = None,
+    size: Annotated[str, typer.Option(help="'demo' (a minute or two) or 'tiny' (seconds, for tests).")] = "demo",
+    name: Annotated[str, typer.Option(help="Name to register the model under.")] = DEMO_MODEL_NAME,
+    register: Annotated[bool, typer.Option(help="Register the model in the database.")] = True,
+    seed: int = 0,
+) -> None:
+    """Build a small Llama-style model that memorised the shipped corpus of fictitious people (no downloads)."""
+    from worker.demo_model import build_demo_model
+
+    out = out or get_settings().data_dir / "demo-model"
+    demo = build_demo_model(out, size=size, seed=seed, log=typer.echo)
+    typer.echo(f"model: {demo.model_dir}\nforget candidates: {demo.forget_candidates}")
+    if register:
+        _register_demo(name, demo)
+
+
+@keys.command("create")
+def keys_create(
+    name: Annotated[str, typer.Option(help="Who the key is for.")],
+    scope: Annotated[list[str], typer.Option(help="requests:write, requests:read or admin (repeatable).")],
+) -> None:
+    """Create a key and print it once: only its hash is stored."""
+    from app.auth.service import create_key
+    from app.core.db import session_scope
+
+    with session_scope() as session:
+        key, secret = create_key(session, name, scope)
+        session.commit()
+        typer.echo(f"id={key.id} name={key.name} scopes={','.join(key.scopes)}")
+        typer.echo(secret)
+
+
+@keys.command("list")
+def keys_list() -> None:
+    """List keys (never their secrets)."""
+    from sqlalchemy import select
+
+    from app.auth.models import ApiKey
+    from app.core.db import session_scope
+
+    with session_scope() as session:
+        for key in session.scalars(select(ApiKey).order_by(ApiKey.id)):
+            state = "revoked" if key.revoked_at else "active"
+            typer.echo(f"{key.id}\t{key.prefix}…\t{key.name}\t{','.join(key.scopes)}\t{state}")
+
+
+@keys.command("revoke")
+def keys_revoke(key_id: int) -> None:
+    """Revoke a key; requests with it are refused from now on."""
+    from app.auth.service import revoke_key
+    from app.core.db import session_scope
+
+    with session_scope() as session:
+        revoke_key(session, key_id)
+        session.commit()
+    typer.echo(f"revoked key {key_id}")
+
+
+@cli.command()
+def up(port: int = 8000, demo_size: str = "demo") -> None:
+    """Everything on the embedded defaults: migrate, build and register the demo model if missing, create an
+    admin key, then run the API, one worker and the scheduler until interrupted."""
+    migrate()
+    from sqlalchemy import select
+
+    from app.base_models.models import BaseModel
+    from app.core.db import session_scope
+
+    with session_scope() as session:
+        registered = session.scalar(select(BaseModel.path).where(BaseModel.name == DEMO_MODEL_NAME))
+    if registered is None or not Path(registered).is_dir():
+        demo_model(out=None, size=demo_size, name=DEMO_MODEL_NAME, register=True, seed=0)
+    from app.auth.service import create_key
+
+    with session_scope() as session:
+        _, secret = create_key(session, "admin (unlearnd up)", ["admin"])
+        session.commit()
+    typer.echo(f"\nadmin API key (shown once): {secret}\nAPI: http://127.0.0.1:{port}  docs: /docs\n")
+    exe = [sys.executable, "-m", "app.cli"]
+    processes = [
+        subprocess.Popen([*exe, "serve", "--port", str(port)]),
+        subprocess.Popen([*exe, "worker"]),
+        subprocess.Popen([*exe, "beat"]),
+    ]
+    try:
+        while all(p.poll() is None for p in processes):
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in processes:
+            p.wait(timeout=60)
+    failed = [p.args[3] for p in processes if p.returncode not in (0, -signal.SIGTERM)]
+    if failed:
+        raise typer.Exit(code=1)
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+from __future__ import annotations
+
+import base64
+import calendar
+import hashlib
+import json
+import uuid
+from datetime import datetime
+
+from sqlalchemy import select, tuple_
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.audit.service import record
+from app.auth.models import ApiKey
+from app.base_models.service import get_by_name
+from app.core.config import Settings
+from app.core.db import utcnow
+from app.core.errors import Conflict, InvalidInput, NotFound
+from app.forget_requests.models import ForgetRequest, RequestStatus
+from app.forget_requests.schemas import ForgetRequestCreate, ForgetRequestOut
+
+
+def add_calendar_months(moment: datetime, months: int) -> datetime:
+    """Same day-of-month `months` later, clamped to the month's last day (31 Jan + 1 month = 28/29 Feb)."""
+    month_index = moment.month - 1 + months
+    year, month = moment.year + month_index // 12, month_index % 12 + 1
+    day = min(moment.day, calendar.monthrange(year, month)[1])
+    return moment.replace(year=year, month=month, day=day)
+
+
+def body_digest(data: ForgetRequestCreate) -> str:
+    canonical = json.dumps(data.model_dump(exclude_none=True), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _check_limits(data: ForgetRequestCreate, settings: Settings) -> None:
+    if len(data.items) > settings.max_items_per_request:
+        raise InvalidInput(
+            f"too many items: {len(data.items)} > {settings.max_items_per_request}",
+            {"limit": settings.max_items_per_request, "field": "items"},
+        )
+    for index, item in enumerate(data.items):
+        length = sum(len(v) for v in (item.text, item.prompt, item.completion) if v)
+        if length > settings.max_chars_per_item:
+            raise InvalidInput(
+                f"item {index} has {length} characters, more than {settings.max_chars_per_item}",
+                {"limit": settings.max_chars_per_item, "field": f"items[{index}]"},
+            )
+
+
+def _existing(session: Session, key: ApiKey, subject_request_id: str) -> ForgetRequest | None:
+    return session.scalar(
+        select(ForgetRequest).where(
+            ForgetRequest.api_key_id == key.id, ForgetRequest.subject_request_id == subject_request_id
+        )
+    )
+
+
+def _replay(original: ForgetRequest, digest: str) -> ForgetRequest:
+    if original.body_sha256 != digest:
+        raise Conflict(
+            "subject_request_id was already used with a different body",
+            {"subject_request_id": original.subject_request_id, "request_id": str(original.id)},
+        )
+    return original
+
+
+def submit(session: Session, key: ApiKey, data: ForgetRequestCreate, settings: Settings) -> tuple[ForgetRequest, bool]:
+    """Store a request; returns (request, created). Replaying the same body returns the original."""
+    _check_limits(data, settings)
+    digest = body_digest(data)
+    original = _existing(session, key, data.subject_request_id)
+    if original is not None:
+        return _replay(original, digest), False
+    model = get_by_name(session, data.model)
+    now = utcnow()
+    request = ForgetRequest(
+        api_key_id=key.id,
+        subject_request_id=data.subject_request_id,
+        base_model_id=model.id,
+        items=[item.model_dump(exclude_none=True) for item in data.items],
+        body_sha256=digest,
+        status=RequestStatus.pending,
+        received_at=now,
+        due_at=add_calendar_months(now, settings.deadline_months),
+    )
+    session.add(request)
+    try:
+        session.flush()
+    except IntegrityError:
+        # A concurrent submission with the same idempotency key won the race.
+        session.rollback()
+        original = _existing(session, key, data.subject_request_id)
+        if original is None:
+            raise
+        return _replay(original, digest), False
+    record(
+        session,
+        key.actor,
+        "forget_request.received",
+        "forget_request",
+        request.id,
+        model=model.name,
+        items=len(request.items),
+    )
+    return request, True
+
+
+def get(session: Session, request_id: uuid.UUID) -> ForgetRequest:
+    request = session.get(ForgetRequest, request_id)
+    if request is None:
+        raise NotFound(f"no forget request with id {request_id}")
+    return request
+
+
+def encode_cursor(request: ForgetRequest) -> str:
+    raw = json.dumps([request.received_at.isoformat(), str(request.id)]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        received, request_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        return datetime.fromisoformat(received), uuid.UUID(request_id)
+    except (ValueError, TypeError) as exc:
+        raise InvalidInput("invalid cursor", {"field": "cursor"}) from exc
+
+
+def list_requests(
+    session: Session, status: str | None, model: str | None, cursor: str | None, limit: int
+) -> tuple[list[ForgetRequest], str | None]:
+    """Newest first, keyset-paginated on (received_at, id) so pages stay stable while requests arrive."""
+    query = select(ForgetRequest)
+    if status is not None:
+        if status not in RequestStatus.__members__:
+            raise InvalidInput(f"unknown status '{status}'", {"known": list(RequestStatus.__members__)})
+        query = query.where(ForgetRequest.status == status)
+    if model is not None:
+        query = query.where(ForgetRequest.base_model_id == get_by_name(session, model).id)
+    if cursor is not None:
+        query = query.where(tuple_(ForgetRequest.received_at, ForgetRequest.id) < decode_cursor(cursor))
+    query = query.order_by(ForgetRequest.received_at.desc(), ForgetRequest.id.desc()).limit(limit + 1)
+    rows = list(session.scalars(query))
+    page, more = rows[:limit], len(rows) > limit
+    return page, encode_cursor(page[-1]) if more else None
+
+
+def cancel(session: Session, request: ForgetRequest, actor: str) -> ForgetRequest:
+    if request.status == RequestStatus.cancelled:
+        return request
+    if request.status != RequestStatus.pending:
+        raise Conflict(
+            f"request is {request.status}; only pending requests can be cancelled",
+            {"status": request.status},
+        )
+    request.status = RequestStatus.cancelled
+    record(session, actor, "forget_request.cancelled", "forget_request", request.id)
+    return request
+
+
+def to_out(request: ForgetRequest) -> ForgetRequestOut:
+    return ForgetRequestOut(
+        id=request.id,
+        subject_request_id=request.subject_request_id,
+        model=request.base_model.name,
+        status=request.status,
+        item_count=len(request.items),
+        received_at=request.received_at,
+        due_at=request.due_at,
+        completed_at=request.completed_at,
+        failure_reason=request.failure_reason,
+        attempts=request.attempts,
+        item_metrics=request.item_metrics,
+    )

@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response, status
+
+from app.core.deps import ReaderKey, SessionDep, SettingsDep, WriterKey
+from app.forget_requests import service
+from app.forget_requests.schemas import ForgetRequestCreate, ForgetRequestOut, ForgetRequestPage
+
+router = APIRouter(prefix="/forget-requests", tags=["forget requests"])
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    responses={200: {"model": ForgetRequestOut, "description": "Replay of an earlier identical submission."}},
+)
+def submit_forget_request(
+    body: ForgetRequestCreate, key: WriterKey, session: SessionDep, settings: SettingsDep, response: Response
+) -> ForgetRequestOut:
+    """Record a deletion request. Re-sending the same `subject_request_id` and body returns the original (200)."""
+    request, created = service.submit(session, key, body, settings)
+    session.commit()
+    if not created:
+        response.status_code = status.HTTP_200_OK
+    return service.to_out(request)
+
+
+@router.get("/{request_id}")
+def get_forget_request(request_id: uuid.UUID, key: ReaderKey, session: SessionDep) -> ForgetRequestOut:
+    return service.to_out(service.get(session, request_id))
+
+
+@router.get("")
+def list_forget_requests(
+    key: ReaderKey,
+    session: SessionDep,
+    settings: SettingsDep,
+    status: str | None = None,
+    model: str | None = None,
+    cursor: str | None = None,
+    limit: Annotated[int, Query(ge=1)] = 50,
+) -> ForgetRequestPage:
+    page, next_cursor = service.list_requests(session, status, model, cursor, min(limit, settings.max_page_size))
+    return ForgetRequestPage(items=[service.to_out(r) for r in page], next_cursor=next_cursor)
+
+
+@router.delete("/{request_id}", status_code=status.HTTP_202_ACCEPTED)
+def cancel_forget_request(request_id: uuid.UUID, key: WriterKey, session: SessionDep) -> ForgetRequestOut:
+    """Cancel a request that is still pending; a request already batched into a job answers 409."""
+    request = service.cancel(session, service.get(session, request_id), key.actor)
+    session.commit()
+    return service.to_out(request)

@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+
+from sqlalchemy import Column, ForeignKey, Index, String, Table, Text
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from app.base_models.models import BaseModel
+from app.core.db import Base, utcnow
+from app.forget_requests.models import ForgetRequest
+
+
+class JobStatus(enum.StrEnum):
+    queued = "queued"
+    running = "running"
+    evaluating = "evaluating"
+    publishing = "publishing"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+job_requests = Table(
+    "job_requests",
+    Base.metadata,
+    Column("job_id", ForeignKey("unlearning_jobs.id", ondelete="CASCADE"), primary_key=True),
+    Column("request_id", ForeignKey("forget_requests.id", ondelete="CASCADE"), primary_key=True),
+)
+
+
+class UnlearningJob(Base):
+    """One LoRA unlearning run over a batch of requests for one base model."""
+
+    __tablename__ = "unlearning_jobs"
+    __table_args__ = (Index("ix_unlearning_jobs_model_status", "base_model_id", "status"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    base_model_id: Mapped[int] = mapped_column(ForeignKey("base_models.id"))
+    method: Mapped[str] = mapped_column(String(50))
+    config: Mapped[dict] = mapped_column(default=dict)
+    status: Mapped[str] = mapped_column(String(20), default=JobStatus.queued)
+    progress: Mapped[dict] = mapped_column(default=dict)
+    attempts: Mapped[int] = mapped_column(default=0)
+    worker_hostname: Mapped[str | None] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    heartbeat_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    error: Mapped[str | None] = mapped_column(Text)
+
+    base_model: Mapped[BaseModel] = relationship(lazy="joined")
+    requests: Mapped[list[ForgetRequest]] = relationship(secondary=job_requests, order_by=ForgetRequest.received_at)

@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from app.core.schemas import Schema
+
+
+class JobOut(Schema):
+    id: int
+    model: str
+    method: str
+    config: dict
+    status: str
+    progress: dict
+    attempts: int
+    worker_hostname: str | None
+    created_at: datetime
+    started_at: datetime | None
+    heartbeat_at: datetime | None
+    finished_at: datetime | None
+    error: str | None
+    request_ids: list[uuid.UUID]
+
+
+class JobPage(Schema):
+    items: list[JobOut]
+    next_cursor: str | None
+
+
+class BatchResult(Schema):
+    jobs: list[JobOut]

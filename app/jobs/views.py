@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from app.base_models.service import get_by_name
+from app.core.deps import AdminKey, ReaderKey, SessionDep, SettingsDep
+from app.jobs import service
+from app.jobs.schemas import BatchResult, JobOut, JobPage
+
+router = APIRouter(tags=["jobs"])
+
+
+@router.get("/jobs/{job_id}")
+def get_job(job_id: int, key: ReaderKey, session: SessionDep) -> JobOut:
+    """A job with its progress (step, total, phase, latest metrics), for dashboards that poll."""
+    return service.to_out(service.get(session, job_id))
+
+
+@router.get("/jobs")
+def list_jobs(
+    key: ReaderKey,
+    session: SessionDep,
+    settings: SettingsDep,
+    status: str | None = None,
+    model: str | None = None,
+    cursor: str | None = None,
+    limit: Annotated[int, Query(ge=1)] = 50,
+) -> JobPage:
+    base_model = get_by_name(session, model) if model else None
+    page, next_cursor = service.list_jobs(session, status, base_model, cursor, min(limit, settings.max_page_size))
+    return JobPage(items=[service.to_out(j) for j in page], next_cursor=next_cursor)
+
+
+@router.post("/admin/batches", status_code=201)
+def batch_now(key: AdminKey, session: SessionDep, settings: SettingsDep) -> BatchResult:
+    """Batch every pending request into jobs now (one per model) instead of waiting for the scheduler."""
+    jobs = service.run_batcher(session, settings, key.actor)
+    return BatchResult(jobs=[service.to_out(j) for j in jobs])

@@ -1,0 +1,20 @@
+"""Every ORM model, imported in one place so Alembic and create-all see the whole schema."""
+
+from app.adapters.models import AdapterVersion
+from app.audit.models import AuditEvent
+from app.auth.models import ApiKey
+from app.base_models.models import BaseModel
+from app.core.db import Base
+from app.forget_requests.models import ForgetRequest
+from app.jobs.models import UnlearningJob, job_requests
+
+__all__ = [
+    "AdapterVersion",
+    "ApiKey",
+    "AuditEvent",
+    "Base",
+    "BaseModel",
+    "ForgetRequest",
+    "UnlearningJob",
+    "job_requests",
+]

@@ -1,0 +1,122 @@
+"""Service tests run against the real PostgreSQL and Redis on this machine (URLs from the environment).
+
+Each test session gets a database of its own, migrated with Alembic, and a Redis database number of its own.
+The environment is set before any `app` module is imported, because settings are read once per process.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis
+from sqlalchemy.engine import make_url
+
+ADMIN_URL = os.environ.get("UNLEARND_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("UNLEARND_TEST_REDIS_URL", "redis://127.0.0.1:6379/11")
+DB_NAME = f"unlearnd_test_{uuid.uuid4().hex[:10]}"
+DATABASE_URL = make_url(ADMIN_URL).set(database=DB_NAME).render_as_string(hide_password=False)
+DATA_DIR = Path(os.environ.get("UNLEARND_TEST_DATA_DIR", f"/tmp/{DB_NAME}"))
+
+os.environ.update(
+    UNLEARND_DATABASE_URL=DATABASE_URL,
+    UNLEARND_BROKER_URL=REDIS_URL,
+    UNLEARND_DATA_DIR=str(DATA_DIR),
+    UNLEARND_PROGRESS_INTERVAL_SECONDS="0.5",
+)
+
+
+def _admin_dsn() -> str:
+    return make_url(ADMIN_URL).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def database() -> Iterator[str]:
+    with psycopg.connect(_admin_dsn(), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{DB_NAME}"')
+    redis.Redis.from_url(REDIS_URL).flushdb()
+    from app.migrate import upgrade
+
+    upgrade(DATABASE_URL)
+    yield DATABASE_URL
+    from app.core.db import get_engine
+
+    get_engine().dispose()
+    with psycopg.connect(_admin_dsn(), autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{DB_NAME}" WITH (FORCE)')
+
+
+@pytest.fixture
+def session(database):
+    from app.core.db import session_scope
+
+    with session_scope() as session:
+        yield session
+
+
+@pytest.fixture(scope="session")
+def settings(database):
+    from app.core.config import get_settings
+
+    return get_settings()
+
+
+def make_key(scopes: list[str], name: str = "test") -> str:
+    from app.auth.service import create_key
+    from app.core.db import session_scope
+
+    with session_scope() as session:
+        _, secret = create_key(session, name, scopes, actor="test")
+        session.commit()
+    return secret
+
+
+@pytest.fixture(scope="session")
+def admin_key(database) -> str:
+    return make_key(["admin"], "admin")
+
+
+@pytest.fixture(scope="session")
+def writer_key(database) -> str:
+    return make_key(["requests:write", "requests:read"], "writer")
+
+
+@pytest.fixture(scope="session")
+def reader_key(database) -> str:
+    return make_key(["requests:read"], "reader")
+
+
+@pytest.fixture(scope="session")
+def client(database):
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    with TestClient(create_app(), raise_server_exceptions=False) as client:
+        yield client
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture(scope="session")
+def registered_model(client, admin_key, tiny_demo_model) -> str:
+    """The tiny demo model, registered over the API under a unique name."""
+    name = f"tiny-{uuid.uuid4().hex[:6]}"
+    response = client.post(
+        "/v1/models",
+        headers=auth(admin_key),
+        json={
+            "name": name,
+            "path": str(tiny_demo_model.model_dir),
+            "retain_corpus": str(tiny_demo_model.retain_corpus),
+            "holdout_corpus": str(tiny_demo_model.holdout_corpus),
+        },
+    )
+    assert response.status_code == 201, response.text
+    return name
