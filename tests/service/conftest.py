@@ -7,6 +7,7 @@ The environment is set before any `app` module is imported, because settings are
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,8 @@ ADMIN_URL = os.environ.get("UNLEARND_TEST_POSTGRES_URL", "postgresql+psycopg://p
 REDIS_URL = os.environ.get("UNLEARND_TEST_REDIS_URL", "redis://127.0.0.1:6379/11")
 DB_NAME = f"unlearnd_test_{uuid.uuid4().hex[:10]}"
 DATABASE_URL = make_url(ADMIN_URL).set(database=DB_NAME).render_as_string(hide_password=False)
+# Set UNLEARND_TEST_DATA_DIR to keep the logs and artifacts of a run for inspection.
+KEEP_DATA_DIR = "UNLEARND_TEST_DATA_DIR" in os.environ
 DATA_DIR = Path(os.environ.get("UNLEARND_TEST_DATA_DIR", f"/tmp/{DB_NAME}"))
 
 os.environ.update(
@@ -39,6 +42,7 @@ def database() -> Iterator[str]:
     with psycopg.connect(_admin_dsn(), autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{DB_NAME}"')
     redis.Redis.from_url(REDIS_URL).flushdb()
+    DATA_DIR.mkdir(parents=True, exist_ok=True)
     from app.migrate import upgrade
 
     upgrade(DATABASE_URL)
@@ -48,6 +52,8 @@ def database() -> Iterator[str]:
     get_engine().dispose()
     with psycopg.connect(_admin_dsn(), autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{DB_NAME}" WITH (FORCE)')
+    if not KEEP_DATA_DIR:
+        shutil.rmtree(DATA_DIR, ignore_errors=True)
 
 
 @pytest.fixture

@@ -164,9 +164,7 @@ def test_cursor_pagination_returns_every_request_once(client, writer_key, regist
             break
     assert len(seen) == len(set(seen))
     assert created <= set(seen)
-    received = [
-        client.get(f"/v1/forget-requests/{i}", headers=auth(writer_key)).json()["received_at"] for i in seen
-    ]
+    received = [client.get(f"/v1/forget-requests/{i}", headers=auth(writer_key)).json()["received_at"] for i in seen]
     assert received == sorted(received, reverse=True)
 
 

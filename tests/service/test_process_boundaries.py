@@ -49,6 +49,4 @@ def test_compose_services_run_real_subcommands_and_dockerfiles_exist():
         assert argv[1] in commands, f"{name}: '{argv[1]}' is not an unlearnd subcommand"
         dockerfile = ROOT / service["build"].get("context", ".") / service["build"]["dockerfile"]
         assert dockerfile.is_file(), dockerfile
-    assert compose["services"]["worker"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == [
-        "gpu"
-    ]
+    assert compose["services"]["worker"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]

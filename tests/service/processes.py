@@ -1,0 +1,59 @@
+"""Real processes for integration tests: the API under uvicorn and a Celery worker, each a subprocess."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.25) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def start(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Run `unlearnd <args>` in the background with output to `log`."""
+    handle = log.open("ab")
+    return subprocess.Popen(
+        [sys.executable, "-m", "app.cli", *args],
+        stdout=handle,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        start_new_session=True,
+    )
+
+
+def stop(process: subprocess.Popen, timeout: float = 30) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def start_worker(log: Path, name: str) -> subprocess.Popen:
+    process = start(["worker", "--hostname", f"{name}@%h"], log)
+    wait_until(lambda: b"ready." in log.read_bytes() or process.poll() is not None, 90, "the Celery worker")
+    if process.poll() is not None:
+        raise RuntimeError(f"worker exited early:\n{log.read_text()[-3000:]}")
+    return process

@@ -1,0 +1,23 @@
+"""Celery tasks. They take ids, never data: the database is the source of truth."""
+
+from __future__ import annotations
+
+import app.models  # noqa: F401  (maps every table, so foreign keys resolve in a worker process)
+from app.core.config import get_settings
+from app.core.db import session_scope
+from app.jobs.service import run_batcher
+from worker.celery_app import BATCH_PENDING, RUN_JOB, celery_app
+
+
+@celery_app.task(name=RUN_JOB)
+def run_job(job_id: int) -> None:
+    # torch is imported here, in the worker only, never by the API process.
+    from worker.job_runner import run_job as run
+
+    run(job_id, get_settings())
+
+
+@celery_app.task(name=BATCH_PENDING)
+def batch_pending() -> list[int]:
+    with session_scope() as session:
+        return [job.id for job in run_batcher(session, get_settings(), actor="scheduler")]
