@@ -1,0 +1,167 @@
+"""LoRA adapters through peft: attach, run the original model for reference, publish against the original base.
+
+A FILA-initialised adapter (see fila.py) changed the base weights to W - s*B0@A0 and keeps B0, A0 as buffers on
+each LoRA layer; everything here that must answer "relative to the ORIGINAL base" accounts for them.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from peft.tuners.lora import Linear as LoraLinear
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+
+INITS = ("default", "fila")
+_INIT_B, _INIT_A = "fila_B0", "fila_A0"
+
+
+@dataclass(frozen=True)
+class AdapterSettings:
+    rank: int = 8
+    alpha: float = 16.0
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    init: str = "fila"  # "default" (peft's) | "fila" (fila.fisher_weighted_init, run by the caller with data)
+
+
+def attach_adapter(model: PreTrainedModel, settings: AdapterSettings) -> PeftModel:
+    """Wrap `model` (in place) with a trainable peft LoRA adapter in peft's default initialisation."""
+    if settings.init not in INITS:
+        raise ValueError(f"unknown adapter init {settings.init!r}; known: {', '.join(INITS)}")
+    config = LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.alpha,
+        target_modules=list(settings.target_modules),
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def lora_layers(module: nn.Module) -> dict[str, LoraLinear]:
+    """Every LoRA-wrapped Linear under `module`, by qualified name."""
+    return {name: m for name, m in module.named_modules() if isinstance(m, LoraLinear)}
+
+
+def record_init_factors(layer: LoraLinear, b0: Tensor, a0: Tensor) -> None:
+    """Keep a layer's initial factors, after its base weight was changed to W - s*B0@A0."""
+    layer.register_buffer(_INIT_B, b0.detach().clone(), persistent=False)
+    layer.register_buffer(_INIT_A, a0.detach().clone(), persistent=False)
+
+
+def init_factors(layer: LoraLinear) -> tuple[Tensor, Tensor] | None:
+    """(B0, A0) the base weight was shifted by, or None for peft's default init (base weight untouched)."""
+    if not hasattr(layer, _INIT_B):
+        return None
+    return getattr(layer, _INIT_B), getattr(layer, _INIT_A)
+
+
+def _published_factors(layer: LoraLinear, adapter: str) -> tuple[Tensor, Tensor]:
+    """LoRA factors (B, A) whose s*B@A is the layer's delta against the ORIGINAL base: rank 2r for FILA."""
+    b, a = layer.lora_B[adapter].weight.detach(), layer.lora_A[adapter].weight.detach()
+    init = init_factors(layer)
+    if init is None:
+        return b, a
+    b0, a0 = init
+    return torch.cat([b, -b0], dim=1), torch.cat([a, a0], dim=0)
+
+
+@contextmanager
+def reference_model(peft_model: PeftModel) -> Iterator[PeftModel]:
+    """Inside, `peft_model` computes the original base model's outputs, without gradients."""
+    adapter = peft_model.active_adapter
+    layers = lora_layers(peft_model)
+    shifted = {name: init for name, layer in layers.items() if (init := init_factors(layer)) is not None}
+    with torch.no_grad():
+        if not shifted:
+            with peft_model.disable_adapter():
+                yield peft_model
+            return
+        # FILA moved s*B0@A0 out of the base weights: put B0, A0 in the adapter's place. Swapping the Parameter
+        # objects (not copying into them) leaves the trained tensors and their autograd versions untouched.
+        trained = {name: (layers[name].lora_B[adapter].weight, layers[name].lora_A[adapter].weight) for name in shifted}
+        try:
+            for name, (b0, a0) in shifted.items():
+                layers[name].lora_B[adapter].weight = nn.Parameter(b0, requires_grad=False)
+                layers[name].lora_A[adapter].weight = nn.Parameter(a0, requires_grad=False)
+            yield peft_model
+        finally:
+            for name, (b, a) in trained.items():
+                layers[name].lora_B[adapter].weight = b
+                layers[name].lora_A[adapter].weight = a
+
+
+def save_adapter(peft_model: PeftModel, out_dir: Path) -> None:
+    """Write a standard peft LoRA adapter that applies to the ORIGINAL base weights (rank 2r for FILA)."""
+    adapter = peft_model.active_adapter
+    config = copy.deepcopy(peft_model.peft_config[adapter])
+    state = get_peft_model_state_dict(peft_model, adapter_name=adapter)
+    layers = lora_layers(peft_model)
+    for name, layer in layers.items():
+        b, a = _published_factors(layer, adapter)
+        state[f"{name}.lora_B.weight"], state[f"{name}.lora_A.weight"] = b, a
+    if any(init_factors(layer) is not None for layer in layers.values()):
+        # peft scales by lora_alpha / r: doubling r must double alpha to keep s
+        config.r *= 2
+        config.lora_alpha *= 2
+    config.inference_mode = True
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(out_dir))
+    save_file(
+        {key: t.detach().contiguous() for key, t in state.items()},
+        str(out_dir / "adapter_model.safetensors"),
+        metadata={"format": "pt"},
+    )
+
+
+def adapter_deltas(peft_model: PeftModel) -> dict[str, Tensor]:
+    """Per adapted Linear (named as in the base model), its fp32 weight delta against the ORIGINAL base."""
+    adapter = peft_model.active_adapter
+    deltas = {}
+    for name, layer in lora_layers(peft_model.get_base_model()).items():
+        b, a = _published_factors(layer, adapter)
+        deltas[name] = layer.scaling[adapter] * (b.float() @ a.float())
+    return deltas
+
+
+def save_lora_factors(
+    factors: Mapping[str, tuple[Tensor, Tensor]], out_dir: Path, base_model: str | None = None
+) -> None:
+    """Write a standard peft LoRA adapter that adds exactly B @ A to each named Linear (named as in the base model).
+
+    Ranks may differ per layer (rank_pattern); alpha equals the rank everywhere, so the scaling alpha / r is 1 both
+    per layer in peft and for servers that read only the top-level r and lora_alpha (vLLM).
+    """
+    ranks = {name: b.shape[1] for name, (b, _) in factors.items()}
+    top = max(ranks.values())
+    config = LoraConfig(
+        r=top,
+        lora_alpha=top,
+        target_modules=list(factors),
+        rank_pattern=ranks,
+        alpha_pattern=ranks,
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+        inference_mode=True,
+        base_model_name_or_path=base_model,
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(out_dir))
+    state = {}
+    for name, (b, a) in factors.items():
+        state[f"base_model.model.{name}.lora_A.weight"] = a
+        state[f"base_model.model.{name}.lora_B.weight"] = b
+    save_file(
+        {key: t.detach().float().contiguous() for key, t in state.items()},
+        str(out_dir / "adapter_model.safetensors"),
+        metadata={"format": "pt"},
+    )
