@@ -11,6 +11,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.adapters.views import aliases as aliases_router
 from app.adapters.views import router as adapters_router
 from app.base_models.views import router as models_router
 from app.core.config import get_settings
@@ -99,7 +100,7 @@ def create_app() -> FastAPI:
     settings = get_settings()
     app = FastAPI(title="unlearnd", version="0.1.0", description="Make a language model forget data on request.")
     v1 = APIRouter(prefix="/v1")
-    for router in (requests_router, jobs_router, models_router, adapters_router):
+    for router in (requests_router, jobs_router, models_router, adapters_router, aliases_router):
         v1.include_router(router)
     app.include_router(v1)
     app.include_router(health)

@@ -14,7 +14,7 @@ from pathlib import Path
 from sqlalchemy.orm import Session
 
 from app.adapters.models import AdapterVersion
-from app.adapters.service import latest_version
+from app.adapters.service import CURRENT, latest_version
 from app.adapters.store import artifact_store
 from app.core.config import Settings
 from app.core.db import session_scope, utcnow
@@ -224,6 +224,8 @@ def run_job(job_id: int, settings: Settings) -> None:
             session.commit()
             version = publish(session, job, inputs, config, result, settings)
             session.commit()
+        # The store's `current` pointer moves only once the version's row is committed.
+        artifact_store(settings).set_alias(inputs.model_name, CURRENT, version)
         log.info("job %s published %s version %s", job_id, inputs.model_name, version)
     except Exception as exc:
         log.exception("job %s failed", job_id)

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from pydantic import Field
+
 from app.core.schemas import Schema
 
 
@@ -17,3 +19,13 @@ class AdapterVersionOut(Schema):
 
 class AdapterVersionDetail(AdapterVersionOut):
     manifest: dict
+
+
+class AliasUpdate(Schema):
+    version: int = Field(ge=1, description="An existing adapter version of this model.")
+
+
+class AliasOut(Schema):
+    model: str
+    alias: str
+    version: int

@@ -5,8 +5,11 @@ from sqlalchemy.orm import Session
 
 from app.adapters.models import AdapterVersion
 from app.adapters.schemas import AdapterVersionDetail, AdapterVersionOut
+from app.audit.service import record
 from app.base_models.models import BaseModel
 from app.core.errors import NotFound
+
+CURRENT = "current"
 
 
 def list_versions(session: Session, model: BaseModel) -> list[AdapterVersion]:
@@ -41,3 +44,15 @@ def to_out(row: AdapterVersion) -> AdapterVersionOut:
 
 def to_detail(row: AdapterVersion) -> AdapterVersionDetail:
     return AdapterVersionDetail(**to_out(row).model_dump(), manifest=row.manifest)
+
+
+def move_current(session: Session, model: BaseModel, version: int, actor: str) -> AdapterVersion:
+    """Point the model's `current` alias at an existing version (roll back or forward); the caller commits, then
+    moves the store's pointer object, so the store never points at a version the database does not have."""
+    row = get_version(session, model, version)
+    previous = model.current_version
+    model.current_version = version
+    record(
+        session, actor, "adapter.alias_moved", "base_model", model.id, alias=CURRENT, previous=previous, version=version
+    )
+    return row

@@ -4,12 +4,13 @@ from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
 from app.adapters import service
-from app.adapters.schemas import AdapterVersionDetail, AdapterVersionOut
+from app.adapters.schemas import AdapterVersionDetail, AdapterVersionOut, AliasOut, AliasUpdate
 from app.adapters.store import MANIFEST, artifact_store
 from app.base_models.service import get_by_name
-from app.core.deps import ReaderKey, SessionDep, SettingsDep
+from app.core.deps import AdminKey, ReaderKey, SessionDep, SettingsDep
 
 router = APIRouter(prefix="/models/{name}/adapters", tags=["adapters"])
+aliases = APIRouter(prefix="/models/{name}/aliases", tags=["adapters"])
 
 
 @router.get("")
@@ -34,3 +35,15 @@ def download_adapter_file(
     if filename != MANIFEST:
         headers["X-Content-SHA256"] = row.manifest["files"][filename]["sha256"]
     return StreamingResponse(chunks, media_type="application/octet-stream", headers=headers)
+
+
+@aliases.put("/current")
+def move_current_alias(
+    name: str, body: AliasUpdate, key: AdminKey, session: SessionDep, settings: SettingsDep
+) -> AliasOut:
+    """Roll the model's `current` adapter back or forward to an existing version (audited)."""
+    model = get_by_name(session, name)
+    service.move_current(session, model, body.version, key.actor)
+    session.commit()
+    artifact_store(settings).set_alias(name, service.CURRENT, body.version)
+    return AliasOut(model=name, alias=service.CURRENT, version=body.version)

@@ -16,7 +16,14 @@ class Settings(BaseSettings):
     data_dir: Path = Path("var")
     database_url: str = ""  # default: sqlite under data_dir
     broker_url: str = "filesystem://"  # kombu's filesystem transport under data_dir; production: redis://...
-    artifact_dir: Path | None = None  # default: data_dir/artifacts
+    artifact_dir: Path | None = None  # local artifact store root; default: data_dir/artifacts
+    # S3-compatible artifact store (MinIO, AWS S3, ...): used when s3_bucket is set.
+    s3_bucket: str = ""
+    s3_prefix: str = ""
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: str | None = None
 
     # API limits: every one is answered with a clear 4xx.
     max_body_bytes: int = Field(default=1_000_000, gt=0)
