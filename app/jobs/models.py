@@ -21,6 +21,9 @@ class JobStatus(enum.StrEnum):
     cancelled = "cancelled"
 
 
+# The method of a job that takes an earlier job back out of the fused adapter instead of training.
+UNMERGE = "unmerge"
+
 job_requests = Table(
     "job_requests",
     Base.metadata,
@@ -48,6 +51,7 @@ class UnlearningJob(Base):
     heartbeat_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     error: Mapped[str | None] = mapped_column(Text)
+    evaluation: Mapped[dict | None]  # what a failed verification measured
 
     base_model: Mapped[BaseModel] = relationship(lazy="joined")
     requests: Mapped[list[ForgetRequest]] = relationship(secondary=job_requests, order_by=ForgetRequest.received_at)

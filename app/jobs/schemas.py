@@ -3,6 +3,8 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
+from pydantic import Field
+
 from app.core.schemas import Schema
 
 
@@ -20,6 +22,7 @@ class JobOut(Schema):
     heartbeat_at: datetime | None
     finished_at: datetime | None
     error: str | None
+    evaluation: dict | None
     request_ids: list[uuid.UUID]
 
 
@@ -30,3 +33,7 @@ class JobPage(Schema):
 
 class BatchResult(Schema):
     jobs: list[JobOut]
+
+
+class UnmergeCreate(Schema):
+    job_id: int = Field(description="The succeeded training job to take back out of the fused adapter.")

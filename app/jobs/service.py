@@ -8,9 +8,9 @@ from sqlalchemy.orm import Session
 from app.audit.service import record
 from app.base_models.models import BaseModel
 from app.core.config import Settings
-from app.core.errors import InvalidInput, NotFound
+from app.core.errors import Conflict, InvalidInput, NotFound
 from app.forget_requests.models import ForgetRequest, RequestStatus
-from app.jobs.models import UnlearningJob
+from app.jobs.models import UNMERGE, JobStatus, UnlearningJob
 from app.jobs.schemas import JobOut
 from worker.celery_app import enqueue_job
 
@@ -75,6 +75,27 @@ def run_batcher(session: Session, settings: Settings, actor: str) -> list[Unlear
     return jobs
 
 
+def create_unmerge(session: Session, model: BaseModel, job_id: int, settings: Settings, actor: str) -> UnlearningJob:
+    """Queue a job that publishes a new version without `job_id`'s adapter (caller commits, then enqueues)."""
+    target = session.get(UnlearningJob, job_id)
+    if target is None or target.base_model_id != model.id:
+        raise NotFound(f"model '{model.name}' has no job {job_id}")
+    if target.method == UNMERGE or target.status != JobStatus.succeeded:
+        raise Conflict(
+            f"job {job_id} is not a succeeded training job", {"status": target.status, "method": target.method}
+        )
+    job = UnlearningJob(
+        base_model_id=model.id,
+        method=UNMERGE,
+        config={**job_config(model, settings), "method": UNMERGE, "unmerge_job_id": job_id},
+        requests=list(target.requests),
+    )
+    session.add(job)
+    session.flush()
+    record(session, actor, "job.queued", "job", job.id, model=model.name, unmerge_job_id=job_id)
+    return job
+
+
 def get(session: Session, job_id: int) -> UnlearningJob:
     job = session.get(UnlearningJob, job_id)
     if job is None:
@@ -114,5 +135,6 @@ def to_out(job: UnlearningJob) -> JobOut:
         heartbeat_at=job.heartbeat_at,
         finished_at=job.finished_at,
         error=job.error,
+        evaluation=job.evaluation,
         request_ids=[r.id for r in job.requests],
     )

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Query
 from app.base_models.service import get_by_name
 from app.core.deps import AdminKey, ReaderKey, SessionDep, SettingsDep
 from app.jobs import service
-from app.jobs.schemas import BatchResult, JobOut, JobPage
+from app.jobs.schemas import BatchResult, JobOut, JobPage, UnmergeCreate
 
 router = APIRouter(tags=["jobs"])
 
@@ -38,3 +38,13 @@ def batch_now(key: AdminKey, session: SessionDep, settings: SettingsDep) -> Batc
     """Batch every pending request into jobs now (one per model) instead of waiting for the scheduler."""
     jobs = service.run_batcher(session, settings, key.actor)
     return BatchResult(jobs=[service.to_out(j) for j in jobs])
+
+
+@router.post("/models/{name}/unmerge", status_code=202)
+def unmerge_job(name: str, body: UnmergeCreate, key: AdminKey, session: SessionDep, settings: SettingsDep) -> JobOut:
+    """Take one job back out of the model's fused adapter (e.g. a request forgotten by mistake), without retraining:
+    a new version is published from the other jobs' statistics, and the job's requests become `cancelled`."""
+    job = service.create_unmerge(session, get_by_name(session, name), body.job_id, settings, key.actor)
+    session.commit()
+    service.enqueue([job.id])
+    return service.to_out(job)
