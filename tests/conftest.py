@@ -7,6 +7,14 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread() -> None:
+    """Tiny models gain nothing from more threads, and on a busy 2-core machine extra threads crawl."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def tiny_demo_model(tmp_path_factory: pytest.TempPathFactory):
     """A real, tiny Llama-style model that has memorised the shipped records (built in seconds)."""

@@ -1,0 +1,192 @@
+"""The unlearning loop on the tiny demo model: every method reaches the stopping rule's target, and the run
+reports, cancels and publishes as specified."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from peft import PeftModel
+
+from worker.engine import AdapterSettings, Progress, UnlearnConfig, UnlearnResult, load_causal_lm, unlearn
+from worker.engine.adapters import attach_adapter
+from worker.engine.data import encode_items
+from worker.engine.evaluation import score_items
+from worker.engine.objectives import LossInputs, get_objective
+from worker.engine.training import common_descent_step
+
+FORGET_ITEMS = 2
+
+# Per method: learning rate and objective params tuned on the tiny model (2 records, batch 8, evaluation every
+# 3 steps); the comments give the steps it took to reach the target. Plain gradient ascent has no retain term,
+# so it gets a looser retain-perplexity tolerance than the default 1.5.
+METHODS: dict[str, dict[str, Any]] = {
+    "ga": {"method": "ga", "learning_rate": 1e-3, "retain_ppl_tolerance": 3.0},  # 24
+    "gd": {"method": "gd", "learning_rate": 3e-3, "params": {"retain_weight": 4.0}},  # 18
+    "ga_kl": {"method": "ga_kl", "learning_rate": 2e-3, "params": {"retain_weight": 5.0}},  # 15
+    "npo": {"method": "npo", "learning_rate": 3e-3},  # 12
+    "ihl": {"method": "ihl", "learning_rate": 3e-3},  # 12
+    "uce": {"method": "uce", "learning_rate": 1.5e-3, "params": {"retain_weight": 3.0}},  # 12
+    "eul": {"method": "eul", "learning_rate": 2e-3},  # 21
+    "uce+mgda": {"method": "uce", "mgda": True, "learning_rate": 1e-2},  # 12
+    "ihl+fila": {"method": "ihl", "adapter": {"init": "fila"}, "learning_rate": 2e-3},  # 9
+}
+COMMON = {"adapter": {"init": "default"}, "max_steps": 60, "batch_size": 8, "eval_every": 3}
+
+
+@dataclass
+class Demo:
+    model_dir: Path
+    forget: list[dict[str, str]]
+    retain: list[dict[str, str]]
+    holdout: list[dict[str, str]]
+    runs: dict[str, tuple[UnlearnResult, list[Progress]]] = field(default_factory=dict)
+
+
+def read_jsonl(path: Path) -> list[dict[str, str]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def demo(tiny_demo_model) -> Demo:
+    return Demo(
+        model_dir=tiny_demo_model.model_dir,
+        forget=read_jsonl(tiny_demo_model.forget_candidates)[:FORGET_ITEMS],
+        retain=read_jsonl(tiny_demo_model.retain_corpus),
+        holdout=read_jsonl(tiny_demo_model.holdout_corpus),
+    )
+
+
+def run_method(demo: Demo, case: str) -> tuple[UnlearnResult, list[Progress]]:
+    """Unlearn with METHODS[case] on a freshly loaded model, once per module."""
+    if case not in demo.runs:
+        model, tokenizer = load_causal_lm(demo.model_dir, device="cpu")
+        config = UnlearnConfig.from_dict(COMMON | METHODS[case])
+        progress: list[Progress] = []
+        result = unlearn(model, tokenizer, demo.forget, demo.retain, demo.holdout, config, progress.append)
+        demo.runs[case] = (result, progress)
+    return demo.runs[case]
+
+
+@pytest.mark.parametrize("case", list(METHODS))
+def test_method_forgets_to_the_holdout_level_within_the_retain_tolerance(demo: Demo, case: str) -> None:
+    result, _ = run_method(demo, case)
+    tolerance = UnlearnConfig.from_dict(COMMON | METHODS[case]).retain_ppl_tolerance
+    before, after = result.metrics_before, result.metrics_after
+    assert before["forget_ma"] > 0.95 and before["forget_verbatim"] == 1.0  # the demo model knows the records
+    assert result.stop_reason == "target_reached"
+    assert after["forget_ma"] <= result.target["forget_ma"] == before["holdout_ma"]
+    assert after["forget_el"] <= result.target["forget_el"] == before["holdout_el"]
+    assert after["forget_verbatim"] == 0.0
+    assert after["retain_ppl"] <= tolerance * before["retain_ppl"]
+
+
+def test_retain_perplexity_past_the_tolerance_stops_the_run(demo: Demo) -> None:
+    model, tokenizer = load_causal_lm(demo.model_dir, device="cpu")
+    config = UnlearnConfig.from_dict(COMMON | {"method": "ga", "learning_rate": 1e-2, "retain_ppl_tolerance": 1.05})
+    result = unlearn(model, tokenizer, demo.forget, demo.retain, demo.holdout, config)
+    assert result.stop_reason == "utility_tolerance"
+    assert result.curve[-1]["retain_ppl"] > 1.05 * result.metrics_before["retain_ppl"]
+    assert result.steps < config.max_steps
+
+
+def test_step_budget_ends_the_run_with_a_last_evaluation(demo: Demo) -> None:
+    model, tokenizer = load_causal_lm(demo.model_dir, device="cpu")
+    config = UnlearnConfig.from_dict(COMMON | METHODS["ihl"] | {"max_steps": 2})
+    result = unlearn(model, tokenizer, demo.forget, demo.retain, demo.holdout, config)
+    assert result.stop_reason == "step_budget"
+    assert [point["step"] for point in result.curve] == [0, 2]
+
+
+def test_published_adapter_reloads_with_plain_peft(demo: Demo, tmp_path: Path) -> None:
+    result, _ = run_method(demo, "ihl+fila")
+    result.save_adapter(tmp_path / "adapter")
+    base, tokenizer = load_causal_lm(demo.model_dir, device="cpu")
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    scores = score_items(reloaded, encode_items(tokenizer, demo.forget, max_length=256), batch_size=8)
+    assert scores.ma.tolist() == [item["ma"] for item in result.items_after]
+    assert scores.nll.tolist() == pytest.approx([item["nll"] for item in result.items_after], rel=1e-4)
+
+
+def test_progress_reports_baseline_then_increasing_steps_then_done(demo: Demo) -> None:
+    result, progress = run_method(demo, "ihl")
+    assert [p.phase for p in progress] == ["baseline"] + ["unlearning"] * (len(progress) - 2) + ["done"]
+    steps = [p.step for p in progress if p.phase == "unlearning"]
+    assert steps == sorted(set(steps)) and steps[-1] == result.steps
+    assert [point["step"] for point in result.curve] == [0, *steps]
+    assert all(p.total == 60 for p in progress)
+    assert {"forget_ma", "forget_el", "retain_ppl"} <= set(progress[1].metrics)
+
+
+def test_should_stop_cancels_between_steps(demo: Demo) -> None:
+    model, tokenizer = load_causal_lm(demo.model_dir, device="cpu")
+    calls: list[int] = []
+
+    def should_stop() -> bool:
+        calls.append(1)
+        return len(calls) > 2
+
+    config = UnlearnConfig.from_dict(COMMON | METHODS["ihl"])
+    result = unlearn(model, tokenizer, demo.forget, demo.retain, demo.holdout, config, should_stop=should_stop)
+    assert result.stop_reason == "cancelled"
+    assert result.steps == 2
+    assert len(result.items_after) == FORGET_ITEMS
+
+
+def testcommon_descent_step_does_not_ascend_either_objective(demo: Demo) -> None:
+    """MGDA's min-norm point d of the gradients' convex hull has d . g >= ||d||^2 for every gradient g."""
+    model, tokenizer = load_causal_lm(demo.model_dir, device="cpu")
+    model = attach_adapter(model, AdapterSettings(init="default"))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    objective = get_objective("uce")
+    forget = encode_items(tokenizer, demo.forget, max_length=256)
+    retain = encode_items(tokenizer, demo.retain[:8], max_length=256)
+    common_descent_step(model, objective, {"retain_weight": 1.0}, forget, retain, trainable)
+    direction = torch.cat([p.grad.reshape(-1) for p in trainable])
+    for term, batch in ((objective.forget, forget), (objective.retain, retain)):
+        model.zero_grad()
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        term(LossInputs(logits, batch["labels"]), {"retain_weight": 1.0}).backward()
+        gradient = torch.cat([p.grad.reshape(-1) for p in trainable])
+        assert direction @ gradient >= (direction @ direction) * (1 - 1e-3)
+
+
+# ---- configuration ----------------------------------------------------------------------------------------------
+
+
+def test_config_round_trips_through_json() -> None:
+    config = UnlearnConfig(
+        method="uce",
+        mgda=True,
+        adapter=AdapterSettings(rank=4, target_modules=("q_proj",)),
+        params={"retain_weight": 2},
+    )
+    assert UnlearnConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"methd": "ihl"},
+        {"adapter": {"rnk": 4}},
+        {"method": "ihl", "params": {"beta": 0.1}},
+        {"method": "unlearn_harder"},
+        {"method": "npo", "mgda": True},
+        {"adapter": {"init": "svd"}},
+        {"max_steps": 0},
+        {"learning_rate": -1e-3},
+        {"retain_ppl_tolerance": 0.9},
+        {"learning_rate": "fast"},
+        {"mgda": "yes"},
+        {"max_steps": 10.5},
+        {"adapter": {"rank": "8"}},
+        {"method": "npo", "params": {"beta": "0.1"}},
+    ],
+)
+def test_config_rejects_unknown_keys_and_invalid_values(bad: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        UnlearnConfig.from_dict(bad)

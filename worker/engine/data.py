@@ -1,0 +1,103 @@
+"""Items to batches: tokenisation with target masks, batch sampling, and the prefix/continuation split.
+
+An item is `{"text": ...}` (every token is a target) or `{"prompt": ..., "completion": ...}` (only the
+completion's tokens are targets). A batch is a dict of `input_ids`, `attention_mask` and `labels` [B, T],
+padded on the right; `labels` is `input_ids` with -100 on padding and prompt tokens (unshifted).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedTokenizerBase
+
+Batch = dict[str, Tensor]
+IGNORE_INDEX = -100
+
+
+def encode_items(tokenizer: PreTrainedTokenizerBase, items: Sequence[Mapping[str, str]], max_length: int) -> Batch:
+    """Tokenise items into one right-padded batch truncated to max_length tokens.
+
+    The tokenizer's BOS token (when it has one) starts every row exactly once, whether or not the
+    tokenizer adds it itself. Prompt and completion are tokenised separately so the target boundary is exact.
+    """
+    if not items:
+        raise ValueError("no items to encode")
+    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    rows: list[tuple[list[int], int]] = []  # (token ids, number of leading non-target tokens)
+    for i, item in enumerate(items):
+        if "text" in item:
+            ids, n_prompt = bos + _tokens(tokenizer, item["text"]), 0
+        elif "prompt" in item and "completion" in item:
+            prompt = bos + _tokens(tokenizer, item["prompt"])
+            ids, n_prompt = prompt + _tokens(tokenizer, item["completion"]), len(prompt)
+        else:
+            raise ValueError(f"item {i} needs a 'text' or a 'prompt' and 'completion': {sorted(item)}")
+        ids = ids[:max_length]
+        # a target at position 0 is never predicted, so a row needs at least two tokens and one target after 0
+        if len(ids) <= max(n_prompt, 1):
+            raise ValueError(f"item {i} has no target tokens within max_length={max_length}")
+        rows.append((ids, n_prompt))
+
+    pad_id = _pad_id(tokenizer)
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    for row, (ids, n_prompt) in enumerate(rows):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention_mask[row, : len(ids)] = 1
+        labels[row, n_prompt : len(ids)] = input_ids[row, n_prompt : len(ids)]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def _tokens(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return token_id
+    return 0  # padding is masked everywhere, so any id works
+
+
+def select_rows(batch: Batch, rows: Tensor | slice) -> Batch:
+    """The given rows, with columns that are padding in every selected row dropped."""
+    picked = {key: value[rows] for key, value in batch.items()}
+    width = int(picked["attention_mask"].sum(dim=1).max())
+    return {key: value[:, :width] for key, value in picked.items()}
+
+
+def iterate_batches(batch: Batch, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
+    """Endless mini-batches in a seeded order, reshuffled every pass over the rows."""
+    n = batch["input_ids"].shape[0]
+    while True:
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, batch_size):
+            yield select_rows(batch, order[start : start + batch_size])
+
+
+def chunks(batch: Batch, batch_size: int) -> Iterator[Batch]:
+    """One pass over the rows in order, batch_size rows at a time."""
+    for start in range(0, batch["input_ids"].shape[0], batch_size):
+        yield select_rows(batch, slice(start, start + batch_size))
+
+
+def to_device(batch: Batch, device: torch.device | str) -> Batch:
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+def extraction_prefix_lengths(batch: Batch) -> Tensor:
+    """Per row, how many leading tokens form the prefix an extraction attack is given [B].
+
+    A prompt/completion row's prefix is its prompt (with BOS); a text row (its first token is a target)
+    gets its first max(1, L // 4) tokens, L counting BOS, and must reproduce the remaining three quarters.
+    """
+    targets = batch["labels"] != IGNORE_INDEX
+    lengths = batch["attention_mask"].sum(dim=1)
+    first_target = targets.long().argmax(dim=1)
+    text_prefix = (lengths // 4).clamp(min=1)
+    return torch.where(targets[:, 0], text_prefix, first_target)

@@ -1,0 +1,344 @@
+"""The unlearning run: attach a LoRA adapter, train it with an objective until the stopping rule fires, measure.
+
+Stopping rule (Jang et al. 2022, arXiv 2210.01504, as used by Cha et al. 2024): train until the forget items'
+memorization accuracy and extraction likelihood fall to the mean of the same metrics on holdout items, unless
+retain perplexity first rises past the tolerance, the caller cancels, or the step budget runs out.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from torch import Tensor, nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from worker.engine import fila
+from worker.engine.adapters import INITS, AdapterSettings, attach_adapter, reference_model, save_adapter
+from worker.engine.data import Batch, chunks, encode_items, iterate_batches, select_rows, to_device
+from worker.engine.evaluation import Evaluation, evaluate
+from worker.engine.mgda import min_norm_weights
+from worker.engine.objectives import OBJECTIVES, LossInputs, Objective, get_objective, retain_nll
+
+MGDA_METHODS = ("uce", "ihl", "ga")
+CURVE_METRICS = ("forget_ma", "forget_el", "retain_ppl")
+REPORT_METRICS = (
+    "forget_ma", "forget_el", "forget_nll", "forget_verbatim", "forget_repetition",
+    "holdout_ma", "holdout_el", "holdout_nll", "holdout_verbatim", "holdout_repetition",
+    "retain_ma", "retain_ppl", "mia_auc_loss", "mia_auc_min_k",
+)  # fmt: skip
+Item = Mapping[str, str]
+_SCALAR_TYPES = {"str": (str,), "bool": (bool,), "int": (int,), "float": (int, float)}  # JSON-config checks
+
+
+@dataclass
+class UnlearnConfig:
+    method: str = "ihl"  # a name in objectives.OBJECTIVES
+    mgda: bool = False  # MOLLM's common descent direction instead of the summed loss (uce, ihl or ga)
+    adapter: AdapterSettings = field(default_factory=AdapterSettings)
+    learning_rate: float = 2e-3
+    max_steps: int = 200
+    batch_size: int = 8  # forget rows per step; the retain batch has as many
+    eval_every: int = 5
+    params: dict[str, float] = field(default_factory=dict)  # overrides of the objective's defaults
+    max_length: int = 256
+    el_n: int = 10  # n of EL_n (Jang et al. 2022 use 10)
+    retain_ppl_tolerance: float = 1.5  # stop when retain perplexity exceeds this multiple of its value before
+    retain_eval_items: int = 64  # retain items (and general text items) sampled for perplexity
+    eval_batch_size: int = 32  # rows per teacher-forced evaluation pass
+    generation_batch_size: int = 256  # prompts decoded together for extraction metrics
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for settings in (self, self.adapter):
+            for f in fields(settings):
+                value, kinds = getattr(settings, f.name), _SCALAR_TYPES.get(f.type)
+                if kinds and (not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)):
+                    raise ValueError(f"{f.name} must be of type {f.type}, got {value!r}")
+        if self.method not in OBJECTIVES:
+            raise ValueError(f"unknown method {self.method!r}; known: {', '.join(OBJECTIVES)}")
+        if self.mgda and self.method not in MGDA_METHODS:
+            raise ValueError(f"mgda composes with {', '.join(MGDA_METHODS)}, not {self.method!r}")
+        if self.adapter.init not in INITS:
+            raise ValueError(f"unknown adapter init {self.adapter.init!r}; known: {', '.join(INITS)}")
+        if self.adapter.rank < 1 or self.adapter.alpha <= 0 or not self.adapter.target_modules:
+            raise ValueError("the adapter needs rank >= 1, alpha > 0 and at least one target module")
+        for name in ("max_steps", "batch_size", "eval_every", "max_length", "el_n", "retain_eval_items",
+                     "eval_batch_size", "generation_batch_size"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        if not self.retain_ppl_tolerance >= 1:
+            raise ValueError(f"retain_ppl_tolerance is a ratio >= 1, got {self.retain_ppl_tolerance}")
+        self.objective_params()
+
+    def objective_params(self) -> dict[str, float]:
+        """The objective's defaults (mgda with ga gains gd's retain weight) overridden by `params`."""
+        defaults = dict(get_objective(self.method).defaults)
+        if self.mgda:
+            defaults.setdefault("retain_weight", 1.0)
+        unknown = set(self.params) - set(defaults)
+        if unknown:
+            raise ValueError(f"unknown params {sorted(unknown)} for {self.method}; known: {sorted(defaults)}")
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in self.params.values()):
+            raise ValueError(f"params must be numbers, got {self.params}")
+        return defaults | self.params
+
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any]) -> UnlearnConfig:
+        """Build from a JSON job config; unknown keys and invalid values raise ValueError."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(config) - known
+        if unknown:
+            raise ValueError(f"unknown config keys {sorted(unknown)}; known: {sorted(known)}")
+        values = dict(config)
+        if "adapter" in values:
+            adapter = dict(values["adapter"])
+            adapter_keys = {f.name for f in fields(AdapterSettings)}
+            if set(adapter) - adapter_keys:
+                raise ValueError(f"unknown adapter keys {sorted(set(adapter) - adapter_keys)}")
+            if "target_modules" in adapter:
+                adapter["target_modules"] = tuple(adapter["target_modules"])
+            values["adapter"] = AdapterSettings(**adapter)
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready; from_dict(to_dict()) round-trips."""
+        values = asdict(self)
+        values["adapter"]["target_modules"] = list(self.adapter.target_modules)
+        return values
+
+
+@dataclass
+class Progress:
+    step: int
+    total: int
+    phase: str  # "baseline" | "unlearning" | "done"
+    metrics: dict[str, float]
+
+
+@dataclass
+class UnlearnResult:
+    model: PeftModel
+    stop_reason: str  # "target_reached" | "step_budget" | "utility_tolerance" | "cancelled"
+    steps: int
+    curve: list[dict[str, float]]  # per evaluation: step, seconds, loss and CURVE_METRICS
+    target: dict[str, float]  # the holdout means forget_ma and forget_el must fall to
+    items_before: list[dict[str, float]]  # per forget item: nll, ma, el, verbatim, repetition
+    items_after: list[dict[str, float]]
+    metrics_before: dict[str, float]  # REPORT_METRICS (and general_ppl when the retain items include text)
+    metrics_after: dict[str, float]
+
+    def save_adapter(self, out_dir: Path) -> None:
+        """Publish the adapter as standard peft LoRA files that apply to the original base model."""
+        save_adapter(self.model, Path(out_dir))
+
+
+def load_causal_lm(
+    model_path: str | Path, tokenizer_path: str | Path | None = None, device: str | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Model and tokenizer from disk: on CUDA in bf16 when available, else on the CPU in fp32."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or model_path)
+    return model.eval(), tokenizer
+
+
+def unlearn(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    forget_items: Sequence[Item],
+    retain_items: Sequence[Item],
+    holdout_items: Sequence[Item],
+    config: UnlearnConfig,
+    on_progress: Callable[[Progress], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> UnlearnResult:
+    """Make `model` forget `forget_items` with a LoRA adapter (the model is wrapped in place).
+
+    A PeftModel is trained further with its own trainable adapter (config.adapter is then unused); metrics_before,
+    items_before and the target are always the original base model's.
+    """
+    report = on_progress or (lambda _progress: None)
+    objective, params = get_objective(config.method), config.objective_params()
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    forget = encode_items(tokenizer, forget_items, config.max_length)
+    retain = encode_items(tokenizer, retain_items, config.max_length)
+    sets = _evaluation_sets(tokenizer, forget_items, retain_items, holdout_items, config)
+    forget_batches = iterate_batches(forget, config.batch_size, generator)
+    retain_batches = iterate_batches(retain, config.batch_size, generator)
+
+    if isinstance(model, PeftModel):
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ValueError("the PeftModel's adapter is not trainable (load it with is_trainable=True)")
+    else:
+        model = attach_adapter(model, config.adapter)
+        if config.adapter.init == "fila":
+            n_forget = forget["input_ids"].shape[0]
+            retain_sample = select_rows(
+                retain, torch.randperm(retain["input_ids"].shape[0], generator=generator)[:n_forget]
+            )
+            forget_chunks, retain_chunks = chunks(forget, config.batch_size), chunks(retain_sample, config.batch_size)
+            fila.fisher_weighted_init(model, forget_chunks, retain_chunks)
+
+    with reference_model(model):  # exactly the outputs of a fresh adapter; the original's for a trained one
+        before = _evaluation(model, sets, config)
+        metrics_before = evaluate(before, _report_metrics(sets))
+        items_before = before.items("forget")
+    target = {"forget_ma": metrics_before["holdout_ma"], "forget_el": metrics_before["holdout_el"]}
+    ppl_limit = config.retain_ppl_tolerance * metrics_before["retain_ppl"]
+    report(Progress(0, config.max_steps, "baseline", metrics_before))
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
+    started = time.monotonic()
+    curve = [{"step": 0, "seconds": 0.0} | {name: metrics_before[name] for name in CURVE_METRICS}]
+    stop_reason, step = _stop_reason(curve[0], target, ppl_limit), 0
+    while stop_reason is None and step < config.max_steps:
+        if should_stop is not None and should_stop():
+            stop_reason = "cancelled"
+            break
+        step += 1
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        f, r = to_device(next(forget_batches), model.device), to_device(next(retain_batches), model.device)
+        if config.mgda:
+            loss = common_descent_step(model, objective, params, f, r, trainable)
+        elif objective.alternate:
+            loss = _alternating_step(model, objective, params, f, r, step)
+        else:
+            loss = _summed_step(model, objective, params, f, r)
+        optimizer.step()
+
+        if step % config.eval_every == 0 or step == config.max_steps:
+            point = evaluate(_evaluation(model, sets, config), CURVE_METRICS)
+            curve.append({"step": step, "seconds": time.monotonic() - started, "loss": loss} | point)
+            report(Progress(step, config.max_steps, "unlearning", point))
+            stop_reason = _stop_reason(point, target, ppl_limit)
+    stop_reason = stop_reason or "step_budget"
+    model.eval()
+
+    after = _evaluation(model, sets, config)
+    metrics_after = evaluate(after, _report_metrics(sets))
+    report(Progress(step, config.max_steps, "done", metrics_after))
+    return UnlearnResult(
+        model=model,
+        stop_reason=stop_reason,
+        steps=step,
+        curve=curve,
+        target=target,
+        items_before=items_before,
+        items_after=after.items("forget"),
+        metrics_before=metrics_before,
+        metrics_after=metrics_after,
+    )
+
+
+def _stop_reason(point: Mapping[str, float], target: Mapping[str, float], ppl_limit: float) -> str | None:
+    # a tripped tolerance wins over a reached target: the damage is what the caller must hear about
+    if point["retain_ppl"] > ppl_limit:
+        return "utility_tolerance"
+    if point["forget_ma"] <= target["forget_ma"] and point["forget_el"] <= target["forget_el"]:
+        return "target_reached"
+    return None
+
+
+def _evaluation_sets(
+    tokenizer: PreTrainedTokenizerBase,
+    forget_items: Sequence[Item],
+    retain_items: Sequence[Item],
+    holdout_items: Sequence[Item],
+    config: UnlearnConfig,
+) -> dict[str, Batch]:
+    """forget, holdout, a seeded sample of retain items and (when there are any) of the retain text items."""
+    sample = random.Random(config.seed)
+    general = [item for item in retain_items if "text" in item]
+    sets = {
+        "forget": forget_items,
+        "holdout": holdout_items,
+        "retain": sample.sample(list(retain_items), min(len(retain_items), config.retain_eval_items)),
+    }
+    if general:
+        sets["general"] = sample.sample(general, min(len(general), config.retain_eval_items))
+    return {name: encode_items(tokenizer, items, config.max_length) for name, items in sets.items()}
+
+
+def _evaluation(model: PeftModel, sets: Mapping[str, Batch], config: UnlearnConfig) -> Evaluation:
+    return Evaluation(model, sets, config.el_n, config.eval_batch_size, config.generation_batch_size)
+
+
+def _report_metrics(sets: Mapping[str, Batch]) -> tuple[str, ...]:
+    return REPORT_METRICS + (("general_ppl",) if "general" in sets else ())
+
+
+# ---- one optimisation step each: gradients into .grad, the loss value back -----------------------------------
+
+
+def _loss_inputs(model: PeftModel, batch: Batch, needs_ref: bool) -> LossInputs:
+    """Student logits on the batch, and the original model's when the term needs them."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    ref_logits = None
+    if needs_ref:
+        with reference_model(model):
+            ref_logits = model(**inputs).logits
+    return LossInputs(logits=model(**inputs).logits, labels=batch["labels"], ref_logits=ref_logits)
+
+
+def _summed_step(model: PeftModel, objective: Objective, params: Mapping[str, float], f: Batch, r: Batch) -> float:
+    """L = forget term on F + retain term on R; each term backpropagated as soon as it is computed."""
+    loss = objective.forget(_loss_inputs(model, f, objective.forget_needs_ref), params)
+    loss.backward()
+    if objective.retain is not None:
+        retain_loss = objective.retain(_loss_inputs(model, r, objective.retain_needs_ref), params)
+        retain_loss.backward()
+        loss = loss + retain_loss
+    return loss.item()
+
+
+def _alternating_step(
+    model: PeftModel, objective: Objective, params: Mapping[str, float], f: Batch, r: Batch, step: int
+) -> float:
+    """EUL (Chen & Yang 2023): odd steps train the forget term on F, even steps the retain term on R."""
+    if step % 2 == 1:
+        loss = objective.forget(_loss_inputs(model, f, objective.forget_needs_ref), params)
+    else:
+        loss = objective.retain(_loss_inputs(model, r, objective.retain_needs_ref), params)
+    loss.backward()
+    return loss.item()
+
+
+def common_descent_step(
+    model: PeftModel,
+    objective: Objective,
+    params: Mapping[str, float],
+    f: Batch,
+    r: Batch,
+    trainable: list[nn.Parameter],
+) -> float:
+    """MOLLM (Pan et al. 2024): .grad = the min-norm convex combination of the objectives' gradients."""
+    retain_term = objective.retain or retain_nll
+    losses = [
+        objective.forget(_loss_inputs(model, f, objective.forget_needs_ref), params),
+        retain_term(_loss_inputs(model, r, objective.retain_needs_ref), params),
+    ]
+    grads = [_flat_grad(loss, trainable) for loss in losses]
+    direction = torch.stack(grads).T @ min_norm_weights(grads)
+    for p, g in zip(trainable, direction.split([p.numel() for p in trainable]), strict=True):
+        p.grad = g.view_as(p).to(p.dtype)
+    return sum(losses).item()
+
+
+def _flat_grad(loss: Tensor, params: list[nn.Parameter]) -> Tensor:
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return torch.cat(
+        [(torch.zeros_like(p) if g is None else g).reshape(-1).float() for p, g in zip(params, grads, strict=True)]
+    )
