@@ -1,4 +1,10 @@
-"""Runs one unlearning job: the database is read and written here, the engine does the math."""
+"""Runs one job: the database is read and written here, the engine does the math.
+
+A training job unlearns its batch with a fresh LoRA adapter, fuses that adapter with every earlier job's (EUL's
+closed-form fusion, from the running statistics in the previous version's fusion_state.safetensors), verifies the
+fused adapter on every forget set still held plus retain text, and publishes it as the model's next version.
+An unmerge job takes one earlier job back out of the fused adapter and publishes the result the same way.
+"""
 
 from __future__ import annotations
 
@@ -11,28 +17,51 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.adapters.models import AdapterVersion
 from app.adapters.service import CURRENT, latest_version
-from app.adapters.store import artifact_store
+from app.adapters.store import ArtifactStore, artifact_store
 from app.core.config import Settings
 from app.core.db import session_scope, utcnow
+from app.core.errors import Conflict
 from app.forget_requests.models import RequestStatus
 from app.jobs.lifecycle import FINAL, transition
-from app.jobs.models import JobStatus, UnlearningJob
-from worker.engine import Progress, UnlearnConfig, UnlearnResult, load_causal_lm, unlearn
+from app.jobs.models import UNMERGE, JobStatus, UnlearningJob
+from worker.engine import (
+    FUSION_STATE_FILE,
+    FusedVersion,
+    FusionSettings,
+    Progress,
+    UnlearnConfig,
+    fuse_job,
+    load_causal_lm,
+    unlearn,
+    unmerge_job,
+)
+from worker.engine.fusion import FusionState, load_fusion_state
 
 log = logging.getLogger(__name__)
 ACTOR = f"worker:{socket.gethostname()}"
 
 
-class ForgetTargetMissed(RuntimeError):
-    """Training ended without the forget items reaching the holdout level: nothing is published."""
+class PublicationRefused(RuntimeError):
+    """The job's adapter missed its forget target or failed verification: nothing is published."""
+
+    def __init__(self, message: str, evaluation: dict | None = None) -> None:
+        super().__init__(message)
+        self.evaluation = evaluation
+
+
+def job_key(job_id: int) -> str:
+    return f"job-{job_id}"
 
 
 @dataclass(frozen=True)
 class JobInputs:
+    job_id: int
+    method: str
     model_name: str
     model_path: str
     tokenizer_path: str
@@ -42,11 +71,40 @@ class JobInputs:
     items_per_request: list[tuple[str, int]]  # (request id, number of items), in forget_items order
     retain_items: list[dict]
     holdout_items: list[dict]
+    held_sets: dict[str, list[dict]]  # earlier jobs' forget sets whose texts the service still holds
 
 
 def read_items(path: str) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def held_forget_sets(session: Session, job: UnlearningJob, exclude_job_id: int | None) -> dict[str, list[dict]]:
+    """Items of every earlier succeeded training job of this model, from its still-completed requests."""
+    earlier = session.scalars(
+        select(UnlearningJob).where(
+            UnlearningJob.base_model_id == job.base_model_id,
+            UnlearningJob.status == JobStatus.succeeded,
+            UnlearningJob.method != UNMERGE,
+            UnlearningJob.id != job.id,
+        )
+    )
+    held = {}
+    for other in earlier:
+        if other.id == exclude_job_id:
+            continue
+        items = [item for r in other.requests if r.status == RequestStatus.completed for item in r.items]
+        if items:
+            held[job_key(other.id)] = items
+    return held
+
+
+def engine_settings(config: dict) -> tuple[UnlearnConfig, FusionSettings]:
+    """A job's JSON config: the engine's UnlearnConfig fields, plus `fusion` settings (and `unmerge_job_id`)."""
+    values = {k: v for k, v in config.items() if k not in ("fusion", "unmerge_job_id")}
+    if values.get("method") == UNMERGE:
+        values.pop("method")
+    return UnlearnConfig.from_dict(values), FusionSettings.from_dict(config.get("fusion", {}))
 
 
 def start(session: Session, job: UnlearningJob) -> JobInputs:
@@ -59,27 +117,31 @@ def start(session: Session, job: UnlearningJob) -> JobInputs:
     job.started_at = job.heartbeat_at = utcnow()
     job.progress = {"phase": "loading", "step": 0, "total": job.config.get("max_steps")}
     for request in job.requests:
-        request.status = RequestStatus.running
+        if job.method != UNMERGE:
+            request.status = RequestStatus.running
     model = job.base_model
-    forget_items = [item for request in job.requests for item in request.items]
+    forget_items = [item for request in job.requests for item in request.items] if job.method != UNMERGE else []
     forget_keys = {json.dumps(item, sort_keys=True) for item in forget_items}
     # An item being forgotten must never be used as retain text.
     retain = [i for i in read_items(model.retain_corpus) if json.dumps(i, sort_keys=True) not in forget_keys]
     return JobInputs(
+        job_id=job.id,
+        method=job.method,
         model_name=model.name,
         model_path=model.path,
         tokenizer_path=model.tokenizer_path,
         weights_sha256=model.weights_sha256,
         config=dict(job.config),
         forget_items=forget_items,
-        items_per_request=[(str(r.id), len(r.items)) for r in job.requests],
+        items_per_request=[(str(r.id), len(r.items)) for r in job.requests] if job.method != UNMERGE else [],
         retain_items=retain,
         holdout_items=read_items(model.holdout_corpus),
+        held_sets=held_forget_sets(session, job, job.config.get("unmerge_job_id")),
     )
 
 
 class ProgressWriter:
-    """Writes the engine's progress and a heartbeat to the job row, at most once per interval."""
+    """Writes the engine's progress and a heartbeat to the job row, at most once per interval or phase change."""
 
     def __init__(self, job_id: int, interval: float) -> None:
         self.job_id, self.interval, self.last, self.phase = job_id, interval, 0.0, ""
@@ -105,6 +167,23 @@ class ProgressWriter:
             session.commit()
 
 
+def set_state(job_id: int, status: JobStatus, phase: str, **audit: object) -> None:
+    with session_scope() as session:
+        job = session.get(UnlearningJob, job_id)
+        transition(session, job, status, ACTOR, **audit)
+        job.progress = {**job.progress, "phase": phase}
+        job.heartbeat_at = utcnow()
+        session.commit()
+
+
+def previous_state(store: ArtifactStore, model_name: str, version: int | None) -> FusionState | None:
+    if version is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = store.download(model_name, version, Path(tmp))
+        return load_fusion_state(folder / FUSION_STATE_FILE)
+
+
 def per_request(inputs: JobInputs, values: list) -> dict[str, list]:
     out, start_index = {}, 0
     for request_id, count in inputs.items_per_request:
@@ -115,42 +194,37 @@ def per_request(inputs: JobInputs, values: list) -> dict[str, list]:
 
 def publish(
     session: Session,
-    job: UnlearningJob,
     inputs: JobInputs,
-    config: UnlearnConfig,
-    result: UnlearnResult,
+    parent: int | None,
+    fused: FusedVersion,
+    metrics: dict,
+    engine: dict,
     settings: Settings,
 ) -> int:
-    """Write the adapter files and manifest, then commit the version row and the completed requests together."""
+    """Write the files and the manifest, then (in the caller's transaction) the version row and the job's outcome."""
     store = artifact_store(settings)
+    job = session.get(UnlearningJob, inputs.job_id)
     model = job.base_model
-    parent = latest_version(session, model)
+    if latest_version(session, model) != parent:
+        raise Conflict(f"{model.name} got a new version while job {job.id} ran; it must fuse onto that one")
     version = (parent or 0) + 1
     store.quarantine(model.name, version)  # leftovers of a crashed publish have no row and are not visible
+    covered = sorted({*fused.state.jobs})
     manifest = {
         "model": model.name,
         "version": version,
         "parent_version": parent,
         "job_id": job.id,
-        "request_ids": [request_id for request_id, _ in inputs.items_per_request],
+        "jobs": covered,
+        "request_ids": [str(r.id) for j in covered_jobs(session, model.id, covered) for r in j.requests],
         "base_model": {"path": inputs.model_path, "weights_sha256": inputs.weights_sha256},
-        "engine": config.to_dict(),
-        "metrics": result.metrics_after,
-        "stop_reason": result.stop_reason,
+        "engine": engine,
+        "metrics": metrics,
         "created_at": datetime.now(UTC).isoformat(),
     }
     with tempfile.TemporaryDirectory() as tmp:
-        result.save_adapter(Path(tmp))
+        fused.save(Path(tmp))
         manifest = store.publish(model.name, version, Path(tmp), manifest)
-    metrics = {
-        "before": result.metrics_before,
-        "after": result.metrics_after,
-        "target": result.target,
-        "stop_reason": result.stop_reason,
-        "steps": result.steps,
-        "retain_ppl_tolerance": config.retain_ppl_tolerance,
-        "curve": result.curve,
-    }
     session.add(
         AdapterVersion(
             base_model_id=model.id,
@@ -163,29 +237,137 @@ def publish(
         )
     )
     model.current_version = version
-    before = per_request(inputs, result.items_before)
-    after = per_request(inputs, result.items_after)
+    transition(session, job, JobStatus.succeeded, ACTOR, version=version)
+    return version
+
+
+def covered_jobs(session: Session, model_id: int, keys: list[str]) -> list[UnlearningJob]:
+    ids = [int(key.removeprefix("job-")) for key in keys]
+    return list(session.scalars(select(UnlearningJob).where(UnlearningJob.id.in_(ids)).order_by(UnlearningJob.id)))
+
+
+def complete_requests(session: Session, inputs: JobInputs, before: list[dict], after: list[dict]) -> None:
+    job = session.get(UnlearningJob, inputs.job_id)
+    before_by_request, after_by_request = per_request(inputs, before), per_request(inputs, after)
     now = utcnow()
     for request in job.requests:
         request.status = RequestStatus.completed
         request.completed_at = now
         request.failure_reason = None
-        request.item_metrics = [
-            {"before": b, "after": a} for b, a in zip(before[str(request.id)], after[str(request.id)], strict=True)
-        ]
-    transition(session, job, JobStatus.succeeded, ACTOR, version=version)
-    return version
+        pairs = zip(before_by_request[str(request.id)], after_by_request[str(request.id)], strict=True)
+        request.item_metrics = [{"before": b, "after": a} for b, a in pairs]
 
 
-def fail(job_id: int, error: str, settings: Settings) -> None:
+def withdraw_requests(session: Session, removed_job_id: int, unmerge_job_id: int) -> None:
+    """After an unmerge the removed job's requests are no longer covered by the served adapter."""
+    removed = session.get(UnlearningJob, removed_job_id)
+    for request in removed.requests:
+        if request.status == RequestStatus.completed:
+            request.status = RequestStatus.cancelled
+            request.failure_reason = f"taken back out of the adapter by unmerge job {unmerge_job_id}"
+
+
+def train_and_fuse(inputs: JobInputs, settings: Settings) -> None:
+    config, fusion = engine_settings(inputs.config)
+    store = artifact_store(settings)
+    model, tokenizer = load_causal_lm(inputs.model_path, inputs.tokenizer_path)
+    progress = ProgressWriter(inputs.job_id, settings.progress_interval_seconds)
+    result = unlearn(
+        model, tokenizer, inputs.forget_items, inputs.retain_items, inputs.holdout_items, config, on_progress=progress
+    )
+    if result.stop_reason != "target_reached":
+        raise PublicationRefused(
+            f"forget target not reached ({result.stop_reason} after {result.steps} steps)",
+            {"target": result.target, "after": result.metrics_after, "curve": result.curve},
+        )
+    set_state(inputs.job_id, JobStatus.evaluating, "fusing and verifying", stop_reason=result.stop_reason)
+    with session_scope() as session:
+        parent = latest_version(session, session.get(UnlearningJob, inputs.job_id).base_model)
+    fused = fuse_job(
+        result,
+        tokenizer,
+        job_key(inputs.job_id),
+        inputs.forget_items,
+        inputs.retain_items,
+        inputs.holdout_items,
+        inputs.held_sets,
+        previous_state(store, inputs.model_name, parent),
+        config,
+        fusion,
+    )
+    metrics = version_metrics(fused, config, fusion)
+    metrics["job"] = {
+        "before": result.metrics_before,
+        "after": result.metrics_after,
+        "target": result.target,
+        "stop_reason": result.stop_reason,
+        "steps": result.steps,
+        "curve": result.curve,
+    }
+    if not fused.verification.passed:
+        raise PublicationRefused("the fused adapter failed verification, even after repair", metrics)
+    set_state(inputs.job_id, JobStatus.publishing, "publishing")
+    with session_scope() as session:
+        version = publish(session, inputs, parent, fused, metrics, engine_dict(config, fusion), settings)
+        complete_requests(session, inputs, result.items_before, fused.verification.items[job_key(inputs.job_id)])
+        session.commit()
+    store.set_alias(inputs.model_name, CURRENT, version)  # the pointer moves only after the row is committed
+    log.info("job %s published %s version %s", inputs.job_id, inputs.model_name, version)
+
+
+def unmerge(inputs: JobInputs, settings: Settings) -> None:
+    config, fusion = engine_settings(inputs.config)
+    store = artifact_store(settings)
+    removed = inputs.config["unmerge_job_id"]
+    set_state(inputs.job_id, JobStatus.evaluating, "unmerging and verifying", removed_job=removed)
+    with session_scope() as session:
+        parent = latest_version(session, session.get(UnlearningJob, inputs.job_id).base_model)
+    state = previous_state(store, inputs.model_name, parent)
+    if state is None or job_key(removed) not in state.jobs:
+        raise PublicationRefused(f"job {removed} is not part of the current fused adapter")
+    model, tokenizer = load_causal_lm(inputs.model_path, inputs.tokenizer_path)
+    fused = unmerge_job(
+        model, tokenizer, state, job_key(removed), inputs.retain_items, inputs.holdout_items, inputs.held_sets, config,
+        fusion,
+    )  # fmt: skip
+    metrics = version_metrics(fused, config, fusion)
+    if not fused.verification.passed:
+        raise PublicationRefused("the adapter without the unmerged job failed verification", metrics)
+    set_state(inputs.job_id, JobStatus.publishing, "publishing")
+    with session_scope() as session:
+        version = publish(session, inputs, parent, fused, metrics, engine_dict(config, fusion), settings)
+        withdraw_requests(session, removed, inputs.job_id)
+        session.commit()
+    store.set_alias(inputs.model_name, CURRENT, version)
+    log.info(
+        "unmerge job %s published %s version %s without job %s", inputs.job_id, inputs.model_name, version, removed
+    )
+
+
+def version_metrics(fused: FusedVersion, config: UnlearnConfig, fusion: FusionSettings) -> dict:
+    return {
+        "verification": fused.verification.to_dict(),
+        "retain_ppl_tolerance": config.retain_ppl_tolerance,
+        "fusion": {"ranks": fused.ranks, "errors": fused.errors, "repaired": fused.repaired},
+    }
+
+
+def engine_dict(config: UnlearnConfig, fusion: FusionSettings) -> dict:
+    return {**config.to_dict(), "fusion": fusion.to_dict()}
+
+
+def fail(job_id: int, error: str, evaluation: dict | None, settings: Settings) -> None:
     """Fail the job; its requests go back to pending, or fail for good after max_request_attempts."""
     with session_scope() as session:
         job = session.get(UnlearningJob, job_id)
         if job is None or job.status in FINAL:
             return
         job.error = error
+        job.evaluation = evaluation
         transition(session, job, JobStatus.failed, ACTOR, error=error)
         for request in job.requests:
+            if job.method == UNMERGE:
+                continue
             request.attempts += 1
             if request.attempts >= settings.max_request_attempts:
                 request.status = RequestStatus.failed
@@ -204,29 +386,13 @@ def run_job(job_id: int, settings: Settings) -> None:
         inputs = start(session, job)
         session.commit()
     try:
-        config = UnlearnConfig.from_dict(inputs.config)
-        model, tokenizer = load_causal_lm(inputs.model_path, inputs.tokenizer_path)
-        result = unlearn(
-            model,
-            tokenizer,
-            inputs.forget_items,
-            inputs.retain_items,
-            inputs.holdout_items,
-            config,
-            on_progress=ProgressWriter(job_id, settings.progress_interval_seconds),
-        )
-        if result.stop_reason != "target_reached":
-            raise ForgetTargetMissed(f"forget target not reached ({result.stop_reason} after {result.steps} steps)")
-        with session_scope() as session:
-            job = session.get(UnlearningJob, job_id)
-            transition(session, job, JobStatus.evaluating, ACTOR, stop_reason=result.stop_reason)
-            transition(session, job, JobStatus.publishing, ACTOR)
-            session.commit()
-            version = publish(session, job, inputs, config, result, settings)
-            session.commit()
-        # The store's `current` pointer moves only once the version's row is committed.
-        artifact_store(settings).set_alias(inputs.model_name, CURRENT, version)
-        log.info("job %s published %s version %s", job_id, inputs.model_name, version)
+        if inputs.method == UNMERGE:
+            unmerge(inputs, settings)
+        else:
+            train_and_fuse(inputs, settings)
+    except PublicationRefused as exc:
+        log.warning("job %s published nothing: %s", job_id, exc)
+        fail(job_id, str(exc), exc.evaluation, settings)
     except Exception as exc:
         log.exception("job %s failed", job_id)
-        fail(job_id, f"{type(exc).__name__}: {exc}", settings)
+        fail(job_id, f"{type(exc).__name__}: {exc}", None, settings)

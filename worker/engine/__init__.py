@@ -3,16 +3,34 @@
 from worker.engine.adapters import AdapterSettings
 from worker.engine.evaluation import METRICS
 from worker.engine.objectives import OBJECTIVES, get_objective
+from worker.engine.sequential import (
+    FUSION_STATE_FILE,
+    FusedVersion,
+    FusionSettings,
+    Verification,
+    fuse_job,
+    fuse_state,
+    original_base,
+    unmerge_job,
+)
 from worker.engine.training import Progress, UnlearnConfig, UnlearnResult, load_causal_lm, unlearn
 
 __all__ = [
+    "FUSION_STATE_FILE",
     "METRICS",
     "OBJECTIVES",
     "AdapterSettings",
+    "FusedVersion",
+    "FusionSettings",
     "Progress",
     "UnlearnConfig",
     "UnlearnResult",
+    "Verification",
+    "fuse_job",
+    "fuse_state",
     "get_objective",
     "load_causal_lm",
+    "original_base",
     "unlearn",
+    "unmerge_job",
 ]
