@@ -33,7 +33,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "uce": {"method": "uce", "learning_rate": 1.5e-3, "params": {"retain_weight": 3.0}},  # 12
     "eul": {"method": "eul", "learning_rate": 2e-3},  # 21
     "uce+mgda": {"method": "uce", "mgda": True, "learning_rate": 1e-2},  # 12
-    "ihl+fila": {"method": "ihl", "adapter": {"init": "fila"}, "learning_rate": 2e-3},  # 9
+    # the service's default job: UnlearnConfig's defaults (lr 1e-3, evaluation every 2 steps)
+    "ihl+fila": {"method": "ihl", "adapter": {"init": "fila"}, "learning_rate": 1e-3, "eval_every": 2},  # 10
 }
 COMMON = {"adapter": {"init": "default"}, "max_steps": 60, "batch_size": 8, "eval_every": 3}
 

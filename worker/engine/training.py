@@ -42,10 +42,10 @@ class UnlearnConfig:
     method: str = "ihl"  # a name in objectives.OBJECTIVES
     mgda: bool = False  # MOLLM's common descent direction instead of the summed loss (uce, ihl or ga)
     adapter: AdapterSettings = field(default_factory=AdapterSettings)
-    learning_rate: float = 2e-3
+    learning_rate: float = 1e-3
     max_steps: int = 200
     batch_size: int = 8  # forget rows per step; the retain batch has as many
-    eval_every: int = 5
+    eval_every: int = 2  # the stopping rule is checked at each evaluation: frequent checks avoid overshooting
     params: dict[str, float] = field(default_factory=dict)  # overrides of the objective's defaults
     max_length: int = 256
     el_n: int = 10  # n of EL_n (Jang et al. 2022 use 10)
