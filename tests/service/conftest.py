@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import psycopg
 import pytest
 import redis
@@ -110,19 +111,23 @@ def auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-@pytest.fixture(scope="session")
-def registered_model(client, admin_key, tiny_demo_model) -> str:
-    """The tiny demo model, registered over the API under a unique name."""
+def register_demo_model(http: httpx.Client, demo, headers: dict[str, str] | None = None) -> str:
+    """Register a demo model over the API (in-process TestClient or a live server) under a unique name."""
     name = f"tiny-{uuid.uuid4().hex[:6]}"
-    response = client.post(
+    response = http.post(
         "/v1/models",
-        headers=auth(admin_key),
+        headers=headers,
         json={
             "name": name,
-            "path": str(tiny_demo_model.model_dir),
-            "retain_corpus": str(tiny_demo_model.retain_corpus),
-            "holdout_corpus": str(tiny_demo_model.holdout_corpus),
+            "path": str(demo.model_dir),
+            "retain_corpus": str(demo.retain_corpus),
+            "holdout_corpus": str(demo.holdout_corpus),
         },
     )
     assert response.status_code == 201, response.text
     return name
+
+
+@pytest.fixture(scope="session")
+def registered_model(client, admin_key, tiny_demo_model) -> str:
+    return register_demo_model(client, tiny_demo_model, auth(admin_key))

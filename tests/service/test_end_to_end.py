@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.service.conftest import DATA_DIR, auth
+from tests.service.conftest import DATA_DIR, auth, register_demo_model
 from tests.service.processes import free_port, start, start_worker, stop, wait_until
 
 pytestmark = pytest.mark.integration
@@ -54,21 +54,6 @@ def wait_for_job(api: httpx.Client, job_id: int) -> dict:
     return job
 
 
-def register(api: httpx.Client, demo) -> str:
-    name = f"e2e-{uuid.uuid4().hex[:6]}"
-    registered = api.post(
-        "/v1/models",
-        json={
-            "name": name,
-            "path": str(demo.model_dir),
-            "retain_corpus": str(demo.retain_corpus),
-            "holdout_corpus": str(demo.holdout_corpus),
-        },
-    )
-    assert registered.status_code == 201, registered.text
-    return name
-
-
 def forget_and_wait(api: httpx.Client, name: str, items: list[dict]) -> tuple[str, dict]:
     """Submit one request, batch it now, wait for its job; returns (request id, finished job)."""
     submitted = api.post(
@@ -85,7 +70,7 @@ def candidates(demo) -> list[dict]:
 
 def test_request_over_http_becomes_a_published_adapter(live_api, worker_process, admin_key, tiny_demo_model):
     api = httpx.Client(base_url=live_api, headers=auth(admin_key), timeout=30)
-    name = register(api, tiny_demo_model)
+    name = register_demo_model(api, tiny_demo_model)
     submitted = api.post(
         "/v1/forget-requests",
         json={"subject_request_id": f"dsr-{uuid.uuid4().hex}", "model": name, "items": candidates(tiny_demo_model)[:2]},
@@ -141,7 +126,7 @@ def test_second_job_fuses_onto_the_first_and_unmerge_takes_the_first_back_out(
     live_api, worker_process, admin_key, tiny_demo_model
 ):
     api = httpx.Client(base_url=live_api, headers=auth(admin_key), timeout=30)
-    name = register(api, tiny_demo_model)
+    name = register_demo_model(api, tiny_demo_model)
     first_request, first = forget_and_wait(api, name, candidates(tiny_demo_model)[:2])
     second_request, second = forget_and_wait(api, name, candidates(tiny_demo_model)[2:4])
     assert (first["status"], second["status"]) == ("succeeded", "succeeded"), (first["error"], second["error"])
