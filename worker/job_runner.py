@@ -28,7 +28,7 @@ from app.core.db import session_scope, utcnow
 from app.core.errors import Conflict
 from app.forget_requests.models import RequestStatus
 from app.jobs.lifecycle import FINAL, transition
-from app.jobs.models import UNMERGE, JobStatus, UnlearningJob
+from app.jobs.models import UNMERGE, JobStatus, UnlearningJob, job_id_of, job_key
 from worker.engine import (
     FUSION_STATE_FILE,
     FusedVersion,
@@ -52,10 +52,6 @@ class PublicationRefused(RuntimeError):
     def __init__(self, message: str, evaluation: dict | None = None) -> None:
         super().__init__(message)
         self.evaluation = evaluation
-
-
-def job_key(job_id: int) -> str:
-    return f"job-{job_id}"
 
 
 @dataclass(frozen=True)
@@ -242,7 +238,7 @@ def publish(
 
 
 def covered_jobs(session: Session, model_id: int, keys: list[str]) -> list[UnlearningJob]:
-    ids = [int(key.removeprefix("job-")) for key in keys]
+    ids = [job_id_of(key) for key in keys]
     return list(session.scalars(select(UnlearningJob).where(UnlearningJob.id.in_(ids)).order_by(UnlearningJob.id)))
 
 

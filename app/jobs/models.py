@@ -24,6 +24,16 @@ class JobStatus(enum.StrEnum):
 # The method of a job that takes an earlier job back out of the fused adapter instead of training.
 UNMERGE = "unmerge"
 
+
+def job_key(job_id: int) -> str:
+    """How a training job is named in fusion states and manifests."""
+    return f"job-{job_id}"
+
+
+def job_id_of(key: str) -> int:
+    return int(key.removeprefix("job-"))
+
+
 job_requests = Table(
     "job_requests",
     Base.metadata,

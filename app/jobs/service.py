@@ -5,12 +5,13 @@ import logging
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.adapters.models import AdapterVersion
 from app.audit.service import record
 from app.base_models.models import BaseModel
 from app.core.config import Settings
 from app.core.errors import Conflict, InvalidInput, NotFound
 from app.forget_requests.models import ForgetRequest, RequestStatus
-from app.jobs.models import UNMERGE, JobStatus, UnlearningJob
+from app.jobs.models import UNMERGE, JobStatus, UnlearningJob, job_key
 from app.jobs.schemas import JobOut
 from worker.celery_app import enqueue_job
 
@@ -83,6 +84,17 @@ def create_unmerge(session: Session, model: BaseModel, job_id: int, settings: Se
     if target.method == UNMERGE or target.status != JobStatus.succeeded:
         raise Conflict(
             f"job {job_id} is not a succeeded training job", {"status": target.status, "method": target.method}
+        )
+    current = session.scalar(
+        select(AdapterVersion).where(AdapterVersion.base_model_id == model.id).order_by(AdapterVersion.version.desc())
+    )
+    fused_jobs = current.manifest.get("jobs", []) if current else []
+    if job_key(job_id) not in fused_jobs:
+        raise Conflict(f"job {job_id} is not part of the latest adapter of '{model.name}'", {"jobs": fused_jobs})
+    if len(fused_jobs) == 1:
+        raise Conflict(
+            f"job {job_id} is the only job in the adapter: roll the `current` alias back instead",
+            {"jobs": fused_jobs},
         )
     job = UnlearningJob(
         base_model_id=model.id,

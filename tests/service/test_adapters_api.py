@@ -112,3 +112,16 @@ def test_unmerge_refuses_a_job_of_another_model_or_not_succeeded(client, admin_k
     session.commit()
     refused = client.post(f"/v1/models/{two_versions}/unmerge", headers=auth(admin_key), json={"job_id": job.id})
     assert refused.status_code == 409
+
+
+def test_unmerge_refuses_a_job_the_latest_adapter_does_not_contain(client, admin_key, two_versions, session):
+    from app.base_models.service import get_by_name
+    from app.jobs.models import UnlearningJob
+
+    model_id = get_by_name(session, two_versions).id
+    job = UnlearningJob(base_model_id=model_id, method="ihl", config={}, status="succeeded")
+    session.add(job)
+    session.commit()
+    refused = client.post(f"/v1/models/{two_versions}/unmerge", headers=auth(admin_key), json={"job_id": job.id})
+    assert refused.status_code == 409
+    assert refused.json()["error"]["details"] == {"jobs": []}

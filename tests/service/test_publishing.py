@@ -26,8 +26,8 @@ def corpora(tiny_demo_model) -> dict[str, list[dict]]:
 @pytest.fixture(scope="module")
 def fused(registered_model, tiny_demo_model, corpora):
     """A real tiny-model unlearning run of a succeeded job, fused into a publishable version."""
+    from app.jobs.models import job_key
     from worker.engine import FusionSettings, UnlearnConfig, fuse_job, load_causal_lm, unlearn
-    from worker.job_runner import job_key
 
     config = UnlearnConfig()
     base, tokenizer = load_causal_lm(tiny_demo_model.model_dir)
