@@ -70,8 +70,10 @@ def test_fused_delta_is_the_least_squares_solution_of_the_stacked_objective(mu: 
     state = with_jobs(jobs)
     fused = fuse(state, {LAYER: gram(x_retain)}, mu=mu, eps=eps)[LAYER]
 
-    # min_D sum_i ||X_i (D - D_i)^T||^2 + mu ||X_r D^T||^2 + eps ||D||^2 as one least-squares problem in D^T
-    lhs = torch.cat([x for x, _ in jobs.values()] + [mu**0.5 * x_retain, eps**0.5 * torch.eye(8)]).double()
+    # min_D sum_i ||X_i (D - D_i)^T||^2 + mu ||X_r D^T||^2 + lam ||D||^2 as one least-squares problem in D^T,
+    # lam being eps relative to the mean diagonal of the summed job Grams
+    lam = eps * float(sum(gram(x) for x, _ in jobs.values()).diagonal().mean())
+    lhs = torch.cat([x for x, _ in jobs.values()] + [mu**0.5 * x_retain, lam**0.5 * torch.eye(8)]).double()
     rhs = torch.cat([x @ d.mT for x, d in jobs.values()] + [torch.zeros(12 + 8, 5)]).double()
     expected = torch.linalg.lstsq(lhs, rhs).solution.mT.float()
     torch.testing.assert_close(fused, expected, rtol=1e-4, atol=1e-5)
@@ -96,7 +98,8 @@ def test_adding_jobs_one_by_one_equals_fusing_all_of_them_from_scratch():
     cross = sum(gram(x) @ d.mT for x, d in jobs.values())
     torch.testing.assert_close(state.gram_sum[LAYER], grams)
     torch.testing.assert_close(state.cross_sum[LAYER], cross)
-    from_scratch = torch.linalg.solve(grams.double() + eps * torch.eye(8), cross.double()).mT.float()
+    lam = eps * float(grams.diagonal().mean())  # the ridge is relative to the inputs' scale
+    from_scratch = torch.linalg.solve(grams.double() + lam * torch.eye(8), cross.double()).mT.float()
     torch.testing.assert_close(fuse(state, None, mu=0.0, eps=eps)[LAYER], from_scratch, rtol=1e-5, atol=1e-6)
 
 
@@ -310,3 +313,21 @@ def test_published_fused_adapter_reloads_with_plain_peft_as_base_plus_compressed
     merged = reloaded.merge_and_unload().state_dict()
     for key, weight in expected.state_dict().items():  # every other weight is the original's
         torch.testing.assert_close(merged[key], weight, rtol=1e-5, atol=1e-6)
+
+
+def test_the_ridge_scales_with_the_inputs_so_a_scaled_problem_has_the_same_solution():
+    jobs = jobs_of(2)
+    scaled = {key: (1000.0 * x, delta) for key, (x, delta) in jobs.items()}
+    torch.testing.assert_close(
+        fuse(with_jobs(scaled), None, mu=0.0, eps=1e-2)[LAYER], fuse(with_jobs(jobs), None, mu=0.0, eps=1e-2)[LAYER],
+        rtol=1e-4, atol=1e-5,
+    )  # fmt: skip
+
+
+def test_fusion_survives_grams_made_slightly_indefinite_by_rounding():
+    x, delta = random(4, 64, seed=3), random(8, 64, seed=4)  # rank-4 Gram in 64 dimensions
+    g = gram(x)
+    indefinite = g - 1e-3 * float(g.diagonal().mean()) * torch.eye(64)  # below what the ridge adds back
+    state = add_job(FusionState(), "a", {LAYER: indefinite}, {LAYER: delta})
+    fused = fused_lora(state, None, mu=0.0, eps=1e-4, max_error=0.01, max_rank=8)
+    assert torch.isfinite(fused.factors[LAYER][0]).all() and torch.isfinite(fused.factors[LAYER][1]).all()

@@ -137,10 +137,28 @@ def load_fusion_state(path: Path) -> FusionState:
     )
 
 
+def ridge(gram_sum: Tensor, eps: float) -> float:
+    """The ridge added to H: eps relative to the mean diagonal of sum_i G_i, so eps means the same whatever the scale
+    of the layer's inputs (hidden states of a 7B model and of a tiny one differ by orders of magnitude)."""
+    return eps * max(float(gram_sum.diagonal().double().mean()), torch.finfo(torch.float32).tiny)
+
+
+def _cholesky(h: Tensor, jitter: float) -> Tensor:
+    """Cholesky factor of the symmetric H, adding jitter*I (x10 per try) when fp32 rounding of the stored Grams
+    left it numerically indefinite along directions the inputs never reached."""
+    h = (h + h.mT) / 2
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    for attempt in range(8):
+        factor, info = torch.linalg.cholesky_ex(h + (jitter * 10**attempt - jitter) * eye)
+        if int(info) == 0:
+            return factor
+    raise torch.linalg.LinAlgError("H is not positive definite even with jitter: are the Gram matrices finite?")
+
+
 def _fused_layers(
     state: FusionState, retain_grams: Mapping[str, Tensor] | None, mu: float, eps: float
-) -> Iterator[tuple[str, Tensor, Tensor]]:
-    """Per layer: the fused delta D [out, in] and H = sum_i G_i + mu*G_r + eps*I, both in float64."""
+) -> Iterator[tuple[str, Tensor, Tensor, Tensor]]:
+    """Per layer: the fused delta D [out, in], H = sum_i G_i + mu*G_r + ridge*I and its Cholesky factor, float64."""
     if not state.jobs:
         raise ValueError("the fusion state holds no jobs")
     if mu < 0 or eps < 0:
@@ -148,36 +166,38 @@ def _fused_layers(
     if mu > 0 and retain_grams is None:
         raise ValueError("mu > 0 needs the retain Gram matrices")
     for name, gram_sum in state.gram_sum.items():
-        h = gram_sum.double() + eps * torch.eye(gram_sum.shape[0], dtype=torch.float64, device=gram_sum.device)
+        lam = ridge(gram_sum, eps)
+        h = gram_sum.double() + lam * torch.eye(gram_sum.shape[0], dtype=torch.float64, device=gram_sum.device)
         if mu > 0:
             h += mu * retain_grams[name].to(h)
-        # H is symmetric positive definite for eps > 0 (or full-rank inputs): Cholesky, in float64 for the
-        # Gram matrices' wide range of eigenvalues
-        delta = torch.cholesky_solve(state.cross_sum[name].double(), torch.linalg.cholesky(h)).mT
-        yield name, delta, h
+        # float64 for the Gram matrices' wide range of eigenvalues
+        chol = _cholesky(h, max(lam, 1e-12))
+        delta = torch.cholesky_solve(state.cross_sum[name].double(), chol).mT
+        yield name, delta, h, chol
 
 
 def fuse(state: FusionState, retain_grams: Mapping[str, Tensor] | None, mu: float, eps: float) -> dict[str, Tensor]:
     """Per layer, the fused delta D [out, in] in fp32; mu = 0 and eps -> 0 is EUL's merge.
 
-    EUL (Chen & Yang 2023, arXiv 2310.20150) Eq. 7 with a retain term: D^T = (sum_i G_i + mu*G_r + eps*I)^-1
-    sum_i G_i D_i^T.
+    EUL (Chen & Yang 2023, arXiv 2310.20150) Eq. 7 with a retain term: D^T = (sum_i G_i + mu*G_r + lam*I)^-1
+    sum_i G_i D_i^T, with lam = eps * mean diagonal of sum_i G_i (see ridge).
     """
-    return {name: delta.float() for name, delta, _ in _fused_layers(state, retain_grams, mu, eps)}
+    return {name: delta.float() for name, delta, _, _ in _fused_layers(state, retain_grams, mu, eps)}
 
 
 def compress(
-    delta: Tensor, gram: Tensor, *, max_error: float = 0.01, max_rank: int
+    delta: Tensor, gram: Tensor, *, max_error: float = 0.01, max_rank: int, chol: Tensor | None = None
 ) -> tuple[Tensor, Tensor, int, float]:
     """(B [out, r], A [r, in], r, error): B @ A = D_r, the best rank-r approximation of D in the norm ||X D^T||.
 
     With G = X^T X = L L^T (Cholesky; G must be positive definite) and the SVD D L = U S V^T,
     D_r = U_r S_r V_r^T L^-1; its error ||X (D - D_r)^T|| / ||X D^T|| = sqrt(sum_{k>r} S_k^2 / sum_k S_k^2).
-    r is the smallest rank (at least 1) whose error is at most max_error, capped at max_rank.
+    r is the smallest rank (at least 1) whose error is at most max_error, capped at max_rank. `chol` is L when the
+    caller has it already.
     """
     if max_rank < 1 or max_error < 0:
         raise ValueError(f"need max_rank >= 1 and max_error >= 0, got {max_rank} and {max_error}")
-    chol = torch.linalg.cholesky(gram.double())
+    chol = torch.linalg.cholesky(gram.double()) if chol is None else chol
     u, s, vh = torch.linalg.svd(delta.double() @ chol, full_matrices=False)
     tails = torch.cat([s.square().flip(0).cumsum(0).flip(0), s.new_zeros(1)])  # tails[r] = sum_{k>=r} S_k^2
     errors = (tails / tails[0]).sqrt() if tails[0] > 0 else torch.zeros_like(tails)
@@ -211,11 +231,11 @@ def fused_lora(
 ) -> FusedAdapter:
     """The fused deltas (see fuse) compressed to LoRA factors (see compress).
 
-    Each layer is compressed in the fusion objective's own weighting H = sum_i G_i + mu*G_r + eps*I: as D is the
+    Each layer is compressed in the fusion objective's own weighting H = sum_i G_i + mu*G_r + lam*I: as D is the
     objective's minimiser, tr((D - D_r) H (D - D_r)^T) is exactly the objective's increase from compressing.
     """
     factors, ranks, errors = {}, {}, {}
-    for name, delta, h in _fused_layers(state, retain_grams, mu, eps):
-        b, a, ranks[name], errors[name] = compress(delta, h, max_error=max_error, max_rank=max_rank)
+    for name, delta, h, chol in _fused_layers(state, retain_grams, mu, eps):
+        b, a, ranks[name], errors[name] = compress(delta, h, max_error=max_error, max_rank=max_rank, chol=chol)
         factors[name] = (b, a)
     return FusedAdapter(factors, ranks, errors)
