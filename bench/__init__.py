@@ -1,0 +1,1 @@
+"""Benchmarks of the unlearning engine; run as modules (`python -m bench.methods --help`)."""
