@@ -256,21 +256,29 @@ def _parser() -> argparse.ArgumentParser:
     data.add_argument("--tofu", type=Path, help="TOFU directory (full/forget10/retain90/holdout10.jsonl)")
     data.add_argument("--tofu-authors", type=int, default=1, help="forget10 authors in the request (20 = all)")
     data.add_argument("--tofu-size", choices=tuple(TOFU_SIZES), default="small")
-    budget = p.add_argument_group("budget, the same for every method")
-    budget.add_argument("--max-steps", type=int, default=engine.max_steps)
-    budget.add_argument("--lr", type=float, default=engine.learning_rate)
-    budget.add_argument("--batch-size", type=int, default=engine.batch_size)
-    budget.add_argument("--eval-every", type=int, default=engine.eval_every)
-    budget.add_argument("--rank", type=int, default=engine.adapter.rank)
-    budget.add_argument("--alpha", type=float, default=engine.adapter.alpha)
-    budget.add_argument("--retain-ppl-tolerance", type=float, default=engine.retain_ppl_tolerance)
+    add_budget_arguments(p.add_argument_group("budget, the same for every method"), engine)
     return p
 
 
+def add_budget_arguments(group: argparse._ArgumentGroup, engine: UnlearnConfig) -> None:
+    """The engine budget flags every bench shares, defaulting to the engine's own defaults."""
+    group.add_argument("--max-steps", type=int, default=engine.max_steps)
+    group.add_argument("--lr", type=float, default=engine.learning_rate)
+    group.add_argument("--batch-size", type=int, default=engine.batch_size)
+    group.add_argument("--eval-every", type=int, default=engine.eval_every)
+    group.add_argument("--rank", type=int, default=engine.adapter.rank)
+    group.add_argument("--alpha", type=float, default=engine.adapter.alpha)
+    group.add_argument("--retain-ppl-tolerance", type=float, default=engine.retain_ppl_tolerance)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        variants = parse_variants(args.methods, args.inits)
+    except ValueError as error:
+        parser.error(str(error))
     torch.set_num_threads(args.threads)
-    variants = parse_variants(args.methods, args.inits)
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)

@@ -28,7 +28,7 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from bench.methods import Workload, demo_workload, tofu_workload
+from bench.methods import Workload, add_budget_arguments, demo_workload, tofu_workload
 from bench.tofu import ROWS_PER_AUTHOR, TOFU_SIZES
 from worker.demo_model.build import SIZES as DEMO_SIZES
 from worker.demo_model.corpus import Item
@@ -218,14 +218,8 @@ def _parser() -> argparse.ArgumentParser:
     data.add_argument("--tofu-size", choices=tuple(TOFU_SIZES), default="small")
     budget = p.add_argument_group("engine config, the same for every strategy and request")
     budget.add_argument("--method", default=engine.method)
-    budget.add_argument("--max-steps", type=int, default=engine.max_steps)
-    budget.add_argument("--lr", type=float, default=engine.learning_rate)
-    budget.add_argument("--batch-size", type=int, default=engine.batch_size)
-    budget.add_argument("--eval-every", type=int, default=engine.eval_every)
-    budget.add_argument("--rank", type=int, default=engine.adapter.rank)
-    budget.add_argument("--alpha", type=float, default=engine.adapter.alpha)
     budget.add_argument("--init", default=engine.adapter.init)
-    budget.add_argument("--retain-ppl-tolerance", type=float, default=engine.retain_ppl_tolerance)
+    add_budget_arguments(budget, engine)
     fused = p.add_argument_group("fusion settings")
     fused.add_argument("--mu", type=float, default=fusion.mu)
     fused.add_argument("--eps", type=float, default=fusion.eps, help="ridge of the fusion's linear solve")
