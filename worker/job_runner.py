@@ -112,11 +112,12 @@ def start(session: Session, job: UnlearningJob) -> JobInputs:
     job.worker_hostname = socket.gethostname()
     job.started_at = job.heartbeat_at = utcnow()
     job.progress = {"phase": "loading", "step": 0, "total": job.config.get("max_steps")}
-    for request in job.requests:
-        if job.method != UNMERGE:
-            request.status = RequestStatus.running
+    # An unmerge job links the removed job's requests but forgets nothing itself.
+    forgetting = [] if job.method == UNMERGE else job.requests
+    for request in forgetting:
+        request.status = RequestStatus.running
     model = job.base_model
-    forget_items = [item for request in job.requests for item in request.items] if job.method != UNMERGE else []
+    forget_items = [item for request in forgetting for item in request.items]
     forget_keys = {json.dumps(item, sort_keys=True) for item in forget_items}
     # An item being forgotten must never be used as retain text.
     retain = [i for i in read_items(model.retain_corpus) if json.dumps(i, sort_keys=True) not in forget_keys]
@@ -129,7 +130,7 @@ def start(session: Session, job: UnlearningJob) -> JobInputs:
         weights_sha256=model.weights_sha256,
         config=dict(job.config),
         forget_items=forget_items,
-        items_per_request=[(str(r.id), len(r.items)) for r in job.requests] if job.method != UNMERGE else [],
+        items_per_request=[(str(r.id), len(r.items)) for r in forgetting],
         retain_items=retain,
         holdout_items=read_items(model.holdout_corpus),
         held_sets=held_forget_sets(session, job, job.config.get("unmerge_job_id")),
@@ -361,9 +362,7 @@ def fail(job_id: int, error: str, evaluation: dict | None, settings: Settings) -
         job.error = error
         job.evaluation = evaluation
         transition(session, job, JobStatus.failed, ACTOR, error=error)
-        for request in job.requests:
-            if job.method == UNMERGE:
-                continue
+        for request in [] if job.method == UNMERGE else job.requests:
             request.attempts += 1
             if request.attempts >= settings.max_request_attempts:
                 request.status = RequestStatus.failed
