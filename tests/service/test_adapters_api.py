@@ -8,12 +8,14 @@ import json
 import pytest
 from sqlalchemy import select
 
-from tests.service.conftest import auth
+from tests.service.conftest import auth, register_demo_model
 
 
 @pytest.fixture(scope="module")
-def two_versions(client, admin_key, registered_model, settings, tmp_path_factory):
-    """Versions 1 and 2 of the registered model, published through the real store with their rows committed."""
+def two_versions(client, admin_key, tiny_demo_model, settings, tmp_path_factory):
+    """Versions 1 and 2 of a model of this module's own, published through the real store with their rows
+    committed."""
+    registered_model = register_demo_model(client, tiny_demo_model, auth(admin_key))
     from app.adapters.models import AdapterVersion
     from app.adapters.store import artifact_store
     from app.base_models.service import get_by_name
