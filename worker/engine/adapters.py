@@ -57,6 +57,37 @@ def record_init_factors(layer: LoraLinear, b0: Tensor, a0: Tensor) -> None:
     layer.register_buffer(_INIT_A, a0.detach().clone(), persistent=False)
 
 
+@torch.no_grad()
+def shift_base_weight(layer: LoraLinear, adapter: str, b0: Tensor, a0: Tensor) -> None:
+    """Move s*B0@A0 out of the layer's base weight (W <- W - s*B0@A0) and keep B0, A0: FILA's initialisation."""
+    base, s = layer.get_base_layer(), layer.scaling[adapter]
+    base.weight.copy_(base.weight.float() - s * (b0.float() @ a0.float()))
+    record_init_factors(layer, b0, a0)
+
+
+def trainable_state(peft_model: PeftModel) -> dict[str, Tensor]:
+    """What rebuilds the adapter on a fresh copy of the base model: its trainable tensors and FILA's init factors."""
+    state = {name: p.detach().clone() for name, p in peft_model.named_parameters() if p.requires_grad}
+    for name, layer in lora_layers(peft_model).items():
+        if (init := init_factors(layer)) is not None:
+            state[f"{name}.{_INIT_B}"], state[f"{name}.{_INIT_A}"] = (t.clone() for t in init)
+    return state
+
+
+@torch.no_grad()
+def load_trainable_state(peft_model: PeftModel, state: Mapping[str, Tensor]) -> None:
+    """Rebuild an adapter saved by trainable_state on a freshly attached one (base weights still the original's)."""
+    adapter = peft_model.active_adapter
+    params = {name: p for name, p in peft_model.named_parameters() if p.requires_grad}
+    if set(params) - set(state):
+        raise ValueError(f"the checkpoint lacks {len(set(params) - set(state))} of the adapter's tensors")
+    for name, layer in lora_layers(peft_model).items():
+        if f"{name}.{_INIT_B}" in state:
+            shift_base_weight(layer, adapter, state[f"{name}.{_INIT_B}"], state[f"{name}.{_INIT_A}"])
+    for name, p in params.items():
+        p.copy_(state[name])
+
+
 def init_factors(layer: LoraLinear) -> tuple[Tensor, Tensor] | None:
     """(B0, A0) the base weight was shifted by, or None for peft's default init (base weight untouched)."""
     if not hasattr(layer, _INIT_B):

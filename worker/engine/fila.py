@@ -8,7 +8,7 @@ import torch
 from peft import PeftModel
 from torch import Tensor, nn
 
-from worker.engine.adapters import init_factors, lora_layers, record_init_factors
+from worker.engine.adapters import init_factors, lora_layers, shift_base_weight
 from worker.engine.objectives import token_logprobs
 
 
@@ -92,6 +92,4 @@ def fisher_weighted_init(
         b = torch.where(kept, (w @ vh.T) * (sv * s).clamp(min=torch.finfo(torch.float32).tiny).rsqrt(), 0.0)
         layer.lora_A[adapter].weight.copy_(a)
         layer.lora_B[adapter].weight.copy_(b)
-        b0, a0 = layer.lora_B[adapter].weight, layer.lora_A[adapter].weight
-        base.weight.copy_(w - s * (b0.float() @ a0.float()))
-        record_init_factors(layer, b0, a0)
+        shift_base_weight(layer, adapter, layer.lora_B[adapter].weight, layer.lora_A[adapter].weight)

@@ -7,6 +7,7 @@ retain perplexity first rises past the tolerance, the caller cancels, or the ste
 
 from __future__ import annotations
 
+import copy
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -20,7 +21,15 @@ from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from worker.engine import fila
-from worker.engine.adapters import INITS, AdapterSettings, attach_adapter, reference_model, save_adapter
+from worker.engine.adapters import (
+    INITS,
+    AdapterSettings,
+    attach_adapter,
+    load_trainable_state,
+    reference_model,
+    save_adapter,
+    trainable_state,
+)
 from worker.engine.data import Batch, chunks, encode_items, iterate_batches, select_rows, to_device
 from worker.engine.evaluation import Evaluation, evaluate
 from worker.engine.mgda import min_norm_weights
@@ -141,6 +150,26 @@ class UnlearnResult:
         save_adapter(self.model, Path(out_dir))
 
 
+@dataclass
+class Checkpoint:
+    """Everything a stopped run needs to go on exactly where it stopped (unlearn's `resume`)."""
+
+    step: int
+    adapter: dict[str, Tensor]  # adapters.trainable_state
+    optimizer: dict[str, Any]
+    curve: list[dict[str, float]]
+    target: dict[str, float]
+    metrics_before: dict[str, float]
+    items_before: list[dict[str, float]]
+
+    def save(self, path: Path) -> None:
+        torch.save(asdict(self), path)
+
+    @classmethod
+    def load(cls, path: Path) -> Checkpoint:
+        return cls(**torch.load(path, map_location="cpu", weights_only=True))
+
+
 def load_causal_lm(
     model_path: str | Path, tokenizer_path: str | Path | None = None, device: str | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -161,11 +190,17 @@ def unlearn(
     config: UnlearnConfig,
     on_progress: Callable[[Progress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    on_checkpoint: Callable[[Checkpoint], None] | None = None,
+    checkpoint_every: int = 0,
+    resume: Checkpoint | None = None,
 ) -> UnlearnResult:
     """Make `model` forget `forget_items` with a LoRA adapter (the model is wrapped in place).
 
     A PeftModel is trained further with its own trainable adapter (config.adapter is then unused); metrics_before,
     items_before and the target are always the original base model's.
+    Every `checkpoint_every` steps, and when `should_stop` stops the run, `on_checkpoint` gets a Checkpoint; the same
+    call with `resume=` that checkpoint (on a fresh copy of the base model) goes on to the result the uninterrupted
+    run would have had.
     """
     report = on_progress or (lambda _progress: None)
     objective, params = get_objective(config.method), config.objective_params()
@@ -184,28 +219,45 @@ def unlearn(
         model = attach_adapter(model, config.adapter)
         if config.adapter.init == "fila":
             n_forget = forget["input_ids"].shape[0]
-            retain_sample = select_rows(
-                retain, torch.randperm(retain["input_ids"].shape[0], generator=generator)[:n_forget]
-            )
-            forget_chunks, retain_chunks = chunks(forget, config.batch_size), chunks(retain_sample, config.batch_size)
-            fila.fisher_weighted_init(model, forget_chunks, retain_chunks)
-
-    with reference_model(model):  # exactly the outputs of a fresh adapter; the original's for a trained one
-        before = _evaluation(model, sets, config)
-        metrics_before = evaluate(before, _report_metrics(sets))
-        items_before = before.items("forget")
-    target = {"forget_ma": metrics_before["holdout_ma"], "forget_el": metrics_before["holdout_el"]}
-    ppl_limit = config.retain_ppl_tolerance * metrics_before["retain_ppl"]
-    report(Progress(0, config.max_steps, "baseline", metrics_before))
-
+            # drawn on a resume too, so the batch order that follows is the same
+            retain_rows = torch.randperm(retain["input_ids"].shape[0], generator=generator)[:n_forget]
+            if resume is None:
+                retain_chunks = chunks(select_rows(retain, retain_rows), config.batch_size)
+                fila.fisher_weighted_init(model, chunks(forget, config.batch_size), retain_chunks)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
-    started = time.monotonic()
-    curve = [{"step": 0, "seconds": 0.0} | {name: metrics_before[name] for name in CURVE_METRICS}]
-    stop_reason, step = _stop_reason(curve[0], target, ppl_limit), 0
+
+    if resume is None:
+        with reference_model(model):  # exactly the outputs of a fresh adapter; the original's for a trained one
+            before = _evaluation(model, sets, config)
+            metrics_before = evaluate(before, _report_metrics(sets))
+            items_before = before.items("forget")
+        target = {"forget_ma": metrics_before["holdout_ma"], "forget_el": metrics_before["holdout_el"]}
+        curve = [{"step": 0, "seconds": 0.0} | {name: metrics_before[name] for name in CURVE_METRICS}]
+        step = 0
+    else:
+        load_trainable_state(model, resume.adapter)
+        optimizer.load_state_dict(resume.optimizer)
+        metrics_before, items_before, target = resume.metrics_before, resume.items_before, resume.target
+        curve, step = list(resume.curve), resume.step
+        for _ in range(step):  # the batches the stopped run already trained on
+            next(forget_batches), next(retain_batches)
+    ppl_limit = config.retain_ppl_tolerance * metrics_before["retain_ppl"]
+    report(Progress(step, config.max_steps, "baseline", metrics_before))
+
+    def checkpoint() -> None:
+        if on_checkpoint is not None:
+            state = copy.deepcopy(optimizer.state_dict())
+            on_checkpoint(
+                Checkpoint(step, trainable_state(model), state, list(curve), target, metrics_before, items_before)
+            )
+
+    started = time.monotonic() - curve[-1]["seconds"]
+    stop_reason = _stop_reason(curve[-1], target, ppl_limit)
     while stop_reason is None and step < config.max_steps:
         if should_stop is not None and should_stop():
             stop_reason = "cancelled"
+            checkpoint()
             break
         step += 1
         model.train()
@@ -224,6 +276,8 @@ def unlearn(
             curve.append({"step": step, "seconds": time.monotonic() - started, "loss": loss} | point)
             report(Progress(step, config.max_steps, "unlearning", point))
             stop_reason = _stop_reason(point, target, ppl_limit)
+        if checkpoint_every and step % checkpoint_every == 0 and stop_reason is None:
+            checkpoint()
     stop_reason = stop_reason or "step_budget"
     model.eval()
 
