@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import json
+import time
+
+import redis
 from celery import Celery
 from kombu import Queue
 
 from app.core.config import Settings, get_settings
+from app.jobs.batching import parse_cron
 
 GPU_QUEUE = "gpu"
 DEFAULT_QUEUE = "default"
 RUN_JOB = "unlearnd.run_job"
 BATCH_PENDING = "unlearnd.batch_pending"
+RECONCILE = "unlearnd.reconcile"
 
 
 def _transport_options(settings: Settings) -> dict:
@@ -25,14 +33,23 @@ def _transport_options(settings: Settings) -> dict:
             "processed_folder": str(processed_dir),
             "store_processed": False,
         }
-    return {}
+    # Redis redelivers a message not acknowledged within the visibility timeout: it must exceed the longest job.
+    return {"visibility_timeout": settings.broker_visibility_timeout_seconds}
 
 
 def make_celery(settings: Settings) -> Celery:
     celery = Celery("unlearnd", broker=settings.broker_url, include=["worker.tasks"])
+    transport_options = _transport_options(settings)
+    batch_schedule = parse_cron(settings.batch_cron) if settings.batch_cron else settings.batch_interval_seconds
     celery.conf.update(
-        broker_transport_options=_transport_options(settings),
+        broker_transport_options=transport_options,
+        # Celery reads the visibility timeout in three places; all three must agree (celery/celery#7651).
+        result_backend_transport_options=transport_options,
+        visibility_timeout=transport_options.get("visibility_timeout"),
         broker_connection_retry_on_startup=True,
+        broker_connection_timeout=settings.broker_connect_timeout_seconds,
+        # The API must answer while the broker is down: one quick retry, then the job waits for reconciliation.
+        task_publish_retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.5, "interval_max": 0.5},
         task_queues=(Queue(GPU_QUEUE), Queue(DEFAULT_QUEUE)),
         task_default_queue=DEFAULT_QUEUE,
         task_routes={RUN_JOB: {"queue": GPU_QUEUE}},
@@ -40,11 +57,14 @@ def make_celery(settings: Settings) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
+        # A stopping worker checkpoints its job and puts it back in the queue; this is how long that may take.
+        worker_soft_shutdown_timeout=settings.worker_soft_shutdown_seconds,
         task_ignore_result=True,
         task_serializer="json",
         accept_content=["json"],
         beat_schedule={
-            "batch-pending-requests": {"task": BATCH_PENDING, "schedule": settings.batch_interval_seconds},
+            "batch-pending-requests": {"task": BATCH_PENDING, "schedule": batch_schedule},
+            "reconcile-jobs": {"task": RECONCILE, "schedule": settings.reconcile_interval_seconds},
         },
         beat_schedule_filename=str(settings.beat_schedule_file),
         worker_hijack_root_logger=False,
@@ -57,6 +77,39 @@ celery_app = make_celery(get_settings())
 
 def enqueue_job(job_id: int) -> None:
     celery_app.send_task(RUN_JOB, args=[job_id], queue=GPU_QUEUE)
+
+
+def _job_id(message: dict) -> int | None:
+    """The job id a Celery (protocol 2) message carries, if it is a run_job message."""
+    if message.get("headers", {}).get("task") != RUN_JOB:
+        return None
+    body = message["body"]
+    if message.get("properties", {}).get("body_encoding") == "base64":
+        body = base64.b64decode(body)
+    args = json.loads(body)[0]
+    return int(args[0])
+
+
+def broker_job_ids(held_within_seconds: float) -> set[int] | None:
+    """Ids of the jobs the broker holds: waiting in the gpu queue, or delivered to a worker within the last
+    `held_within_seconds` and not yet acknowledged. None when the transport cannot be inspected."""
+    settings = get_settings()
+    messages: list[dict] = []
+    if settings.broker_url.startswith("filesystem://"):
+        # kombu's filesystem transport removes a message's file when a worker takes it
+        for path in (settings.broker_dir / "queue").glob(f"*.{GPU_QUEUE}.msg"):
+            with contextlib.suppress(OSError, ValueError):  # taken by a worker meanwhile, or half written
+                messages.append(json.loads(path.read_bytes()))
+    elif settings.broker_url.startswith(("redis://", "rediss://")):
+        client = redis.Redis.from_url(settings.broker_url, socket_timeout=settings.broker_connect_timeout_seconds)
+        messages += [json.loads(raw) for raw in client.lrange(GPU_QUEUE, 0, -1)]
+        # kombu keeps delivered, unacknowledged messages in the `unacked` hash, with delivery times in `unacked_index`
+        recent = client.zrangebyscore("unacked_index", time.time() - held_within_seconds, "+inf")
+        if recent:
+            messages += [json.loads(raw)[0] for raw in client.hmget("unacked", recent) if raw is not None]
+    else:
+        return None
+    return {job_id for message in messages if (job_id := _job_id(message)) is not None}
 
 
 def broker_reachable(timeout: float = 2.0) -> bool:

@@ -4,6 +4,12 @@ A training job unlearns its batch with a fresh LoRA adapter, fuses that adapter 
 closed-form fusion, from the running statistics in the previous version's fusion_state.safetensors), verifies the
 fused adapter on every forget set still held plus retain text, and publishes it as the model's next version.
 An unmerge job takes one earlier job back out of the fused adapter and publishes the result the same way.
+
+Delivery is at least once, so running a job is idempotent: a worker claims the job under a row lock, and a job
+another worker holds (fresh heartbeat) or has finished is left alone. While it runs, a heartbeat thread proves the
+worker alive and watches for cancellation; training checkpoints to the artifact store's scratch area, so a retried,
+recovered or interrupted job resumes where it stopped. Each attempt is fenced by the job's attempt number: a worker
+that was presumed lost and replaced can no longer write the job's progress or publish it.
 """
 
 from __future__ import annotations
@@ -12,22 +18,27 @@ import json
 import logging
 import socket
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import select
+from celery.signals import worker_shutting_down
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from app.adapters.models import AdapterVersion
 from app.adapters.service import CURRENT, latest_version
 from app.adapters.store import ArtifactStore, artifact_store
+from app.audit.service import record
+from app.base_models.models import BaseModel
 from app.core.config import Settings
 from app.core.db import session_scope, utcnow
 from app.core.errors import Conflict
 from app.forget_requests.models import RequestStatus
-from app.jobs.lifecycle import FINAL, transition
+from app.jobs import lifecycle
+from app.jobs.lifecycle import ACTIVE, FINAL, transition
 from app.jobs.models import UNMERGE, JobStatus, UnlearningJob, job_id_of, job_key
 from worker.engine import (
     FUSION_STATE_FILE,
@@ -41,9 +52,15 @@ from worker.engine import (
     unmerge_job,
 )
 from worker.engine.fusion import FusionState, load_fusion_state
+from worker.engine.training import Checkpoint
 
 log = logging.getLogger(__name__)
 ACTOR = f"worker:{socket.gethostname()}"
+CHECKPOINT = "checkpoint.pt"
+
+# Set when the worker is asked to stop (SIGTERM): the running job checkpoints and goes back to the queue.
+shutting_down = threading.Event()
+worker_shutting_down.connect(lambda **_: shutting_down.set(), weak=False)
 
 
 class PublicationRefused(RuntimeError):
@@ -54,9 +71,14 @@ class PublicationRefused(RuntimeError):
         self.evaluation = evaluation
 
 
+class Interrupted(RuntimeError):
+    """The attempt stopped before publishing: cancelled, the worker is stopping, or the job was taken from it."""
+
+
 @dataclass(frozen=True)
 class JobInputs:
     job_id: int
+    attempt: int  # the job's attempt number this worker holds: every write it makes is fenced by it
     method: str
     model_name: str
     model_path: str
@@ -103,14 +125,39 @@ def engine_settings(config: dict) -> tuple[UnlearnConfig, FusionSettings]:
     return UnlearnConfig.from_dict(values), FusionSettings.from_dict(config.get("fusion", {}))
 
 
+def claim(session: Session, job_id: int, settings: Settings) -> JobInputs | None:
+    """Take the job for this worker, or None when there is nothing for it to do (the caller commits either way)."""
+    job = lifecycle.locked(session, UnlearningJob.id == job_id)  # one delivery of a job at a time gets past here
+    if job is None or job.status in FINAL:
+        log.info("job %s is %s; nothing to do", job_id, job.status if job else "missing")
+        return None
+    if job.status in ACTIVE:
+        if not lifecycle.is_lost(job, settings):
+            log.info("job %s is held by %s (a duplicate delivery); leaving it", job_id, job.worker_hostname)
+            return None
+        lifecycle.recover_lost(session, job, settings, ACTOR)
+        if job.status != JobStatus.queued:
+            return None
+    now = utcnow()
+    if job.not_before is not None and job.not_before > now:
+        log.info("job %s waits until %s; reconciliation sends it then", job_id, job.not_before.isoformat())
+        return None
+    session.get(BaseModel, job.base_model_id, with_for_update=True)  # serialises the model's job starts
+    running = UnlearningJob.base_model_id == job.base_model_id, UnlearningJob.status.in_(ACTIVE)
+    if session.scalar(select(func.count()).where(*running)):
+        # jobs of one model are serial: each fuses onto the version the previous one publishes
+        job.not_before = now + timedelta(seconds=settings.reconcile_interval_seconds)
+        log.info("job %s waits: another job of its model is running", job_id)
+        return None
+    return start(session, job)
+
+
 def start(session: Session, job: UnlearningJob) -> JobInputs:
-    if job.status != JobStatus.queued:
-        # Redelivered after a worker died mid-run: restart the attempt cleanly.
-        transition(session, job, JobStatus.queued, ACTOR, reason="redelivered")
-    transition(session, job, JobStatus.running, ACTOR)
+    transition(session, job, JobStatus.running, ACTOR, attempt=job.attempts + 1)
     job.attempts += 1
     job.worker_hostname = socket.gethostname()
     job.started_at = job.heartbeat_at = utcnow()
+    job.not_before = None
     job.progress = {"phase": "loading", "step": 0, "total": job.config.get("max_steps")}
     # An unmerge job links the removed job's requests but forgets nothing itself.
     forgetting = [] if job.method == UNMERGE else job.requests
@@ -123,6 +170,7 @@ def start(session: Session, job: UnlearningJob) -> JobInputs:
     retain = [i for i in read_items(model.retain_corpus) if json.dumps(i, sort_keys=True) not in forget_keys]
     return JobInputs(
         job_id=job.id,
+        attempt=job.attempts,
         method=job.method,
         model_name=model.name,
         model_path=model.path,
@@ -137,40 +185,111 @@ def start(session: Session, job: UnlearningJob) -> JobInputs:
     )
 
 
+def held_by_me(inputs: JobInputs) -> tuple:
+    """The rows this attempt may still write: its job, while it holds it."""
+    return (
+        UnlearningJob.id == inputs.job_id,
+        UnlearningJob.attempts == inputs.attempt,
+        UnlearningJob.status.in_(ACTIVE),
+    )
+
+
+class JobMonitor:
+    """A heartbeat thread for one attempt; `should_stop` turns true when the job is cancelled, the worker is
+    stopping, or the job was taken from this worker (presumed lost). `reason` says which."""
+
+    def __init__(self, inputs: JobInputs, settings: Settings) -> None:
+        self.inputs, self.interval = inputs, settings.heartbeat_interval_seconds
+        self.reason: str | None = None
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-job-{inputs.job_id}", daemon=True)
+
+    def __enter__(self) -> JobMonitor:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def should_stop(self) -> bool:
+        if self.reason is None and shutting_down.is_set():
+            self.reason = "shutdown"
+        return self.reason is not None
+
+    def check(self) -> None:
+        """Between phases: raise Interrupted if the attempt must stop."""
+        if self.should_stop():
+            raise Interrupted(self.reason)
+
+    def _beat(self) -> None:
+        while not self._done.wait(self.interval):
+            try:
+                with session_scope() as session:
+                    held = session.execute(
+                        update(UnlearningJob).where(*held_by_me(self.inputs)).values(heartbeat_at=utcnow())
+                    ).rowcount
+                    cancel = session.scalar(
+                        select(UnlearningJob.cancel_requested_at).where(UnlearningJob.id == self.inputs.job_id)
+                    )
+                    session.commit()
+            except Exception as exc:  # the database is away: keep beating; if it stays away the job is recovered
+                log.warning("job %s heartbeat failed: %s", self.inputs.job_id, type(exc).__name__)
+                continue
+            if not held:
+                self.reason = self.reason or "lost"
+            elif cancel is not None:
+                self.reason = self.reason or "cancel"
+
+
 class ProgressWriter:
     """Writes the engine's progress and a heartbeat to the job row, at most once per interval or phase change."""
 
-    def __init__(self, job_id: int, interval: float) -> None:
-        self.job_id, self.interval, self.last, self.phase = job_id, interval, 0.0, ""
-        self.started = time.monotonic()
+    def __init__(self, inputs: JobInputs, interval: float) -> None:
+        self.inputs, self.interval, self.last, self.phase = inputs, interval, 0.0, ""
+        self.started, self.first_step = time.monotonic(), None
+        self.resumed_from: int | None = None
 
     def __call__(self, progress: Progress) -> None:
         now = time.monotonic()
+        if self.first_step is None:
+            self.first_step = progress.step  # a resumed run starts past 0: the rate counts this attempt's steps only
         if now - self.last < self.interval and progress.phase == self.phase:
             return
         self.last, self.phase = now, progress.phase
-        rate = progress.step / max(now - self.started, 1e-9)
+        rate = (progress.step - self.first_step) / max(now - self.started, 1e-9)
         eta = (progress.total - progress.step) / rate if rate > 0 else None
+        values = {
+            "phase": progress.phase,
+            "step": progress.step,
+            "total": progress.total,
+            "metrics": progress.metrics,
+            "eta_seconds": eta,
+        }
+        if self.resumed_from is not None:
+            values["resumed_from_step"] = self.resumed_from
         with session_scope() as session:
-            job = session.get(UnlearningJob, self.job_id)
-            job.progress = {
-                "phase": progress.phase,
-                "step": progress.step,
-                "total": progress.total,
-                "metrics": progress.metrics,
-                "eta_seconds": eta,
-            }
-            job.heartbeat_at = utcnow()
+            session.execute(
+                update(UnlearningJob).where(*held_by_me(self.inputs)).values(progress=values, heartbeat_at=utcnow())
+            )
             session.commit()
 
 
-def set_state(job_id: int, status: JobStatus, phase: str, **audit: object) -> None:
+def set_state(inputs: JobInputs, status: JobStatus, phase: str, **audit: object) -> None:
     with session_scope() as session:
-        job = session.get(UnlearningJob, job_id)
+        job = held_job(session, inputs)
         transition(session, job, status, ACTOR, **audit)
         job.progress = {**job.progress, "phase": phase}
         job.heartbeat_at = utcnow()
         session.commit()
+
+
+def held_job(session: Session, inputs: JobInputs) -> UnlearningJob:
+    """The job row, locked, if this attempt still holds it; else Interrupted."""
+    job = lifecycle.locked(session, *held_by_me(inputs))
+    if job is None:
+        raise Interrupted("lost")
+    return job
 
 
 def previous_state(store: ArtifactStore, model_name: str, version: int | None) -> FusionState | None:
@@ -200,8 +319,10 @@ def publish(
 ) -> int:
     """Write the files and the manifest, then (in the caller's transaction) the version row and the job's outcome."""
     store = artifact_store(settings)
-    job = session.get(UnlearningJob, inputs.job_id)
+    job = held_job(session, inputs)
     model = job.base_model
+    if session.scalar(select(AdapterVersion.version).where(AdapterVersion.job_id == job.id)) is not None:
+        raise Conflict(f"job {job.id} has already published a version")
     if latest_version(session, model) != parent:
         raise Conflict(f"{model.name} got a new version while job {job.id} ran; it must fuse onto that one")
     version = (parent or 0) + 1
@@ -264,20 +385,47 @@ def withdraw_requests(session: Session, removed_job_id: int, unmerge_job_id: int
             request.failure_reason = f"taken back out of the adapter by unmerge job {unmerge_job_id}"
 
 
-def train_and_fuse(inputs: JobInputs, settings: Settings) -> None:
+def checkpoint_key(job_id: int) -> str:
+    return f"{job_key(job_id)}/{CHECKPOINT}"
+
+
+def load_checkpoint(store: ArtifactStore, job_id: int) -> Checkpoint | None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / CHECKPOINT
+        return Checkpoint.load(path) if store.scratch_get(checkpoint_key(job_id), path) else None
+
+
+def save_checkpoint(store: ArtifactStore, job_id: int, checkpoint: Checkpoint) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / CHECKPOINT
+        checkpoint.save(path)
+        store.scratch_put(checkpoint_key(job_id), path)
+
+
+def train_and_fuse(inputs: JobInputs, settings: Settings, monitor: JobMonitor) -> None:
     config, fusion = engine_settings(inputs.config)
     store = artifact_store(settings)
     model, tokenizer = load_causal_lm(inputs.model_path, inputs.tokenizer_path)
-    progress = ProgressWriter(inputs.job_id, settings.progress_interval_seconds)
+    progress = ProgressWriter(inputs, settings.progress_interval_seconds)
+    resume = load_checkpoint(store, inputs.job_id)
+    if resume is not None:
+        progress.resumed_from = resume.step
+        with session_scope() as session:
+            record(session, ACTOR, "job.resumed", "job", inputs.job_id, step=resume.step, attempt=inputs.attempt)
+            session.commit()
     result = unlearn(
-        model, tokenizer, inputs.forget_items, inputs.retain_items, inputs.holdout_items, config, on_progress=progress
-    )
+        model, tokenizer, inputs.forget_items, inputs.retain_items, inputs.holdout_items, config,
+        on_progress=progress, should_stop=monitor.should_stop,
+        on_checkpoint=lambda checkpoint: save_checkpoint(store, inputs.job_id, checkpoint),
+        checkpoint_every=settings.checkpoint_every_steps, resume=resume,
+    )  # fmt: skip
+    monitor.check()
     if result.stop_reason != "target_reached":
         raise PublicationRefused(
             f"forget target not reached ({result.stop_reason} after {result.steps} steps)",
             {"target": result.target, "after": result.metrics_after, "curve": result.curve},
         )
-    set_state(inputs.job_id, JobStatus.evaluating, "fusing and verifying", stop_reason=result.stop_reason)
+    set_state(inputs, JobStatus.evaluating, "fusing and verifying", stop_reason=result.stop_reason)
     with session_scope() as session:
         parent = latest_version(session, session.get(UnlearningJob, inputs.job_id).base_model)
     fused = fuse_job(
@@ -303,7 +451,8 @@ def train_and_fuse(inputs: JobInputs, settings: Settings) -> None:
     }
     if not fused.verification.passed:
         raise PublicationRefused("the fused adapter failed verification, even after repair", metrics)
-    set_state(inputs.job_id, JobStatus.publishing, "publishing")
+    monitor.check()  # the last point a cancel or a stopping worker can take effect
+    set_state(inputs, JobStatus.publishing, "publishing")
     with session_scope() as session:
         version = publish(session, inputs, parent, fused, metrics, engine_dict(config, fusion), settings)
         complete_requests(session, inputs, result.items_before, fused.verification.items[job_key(inputs.job_id)])
@@ -312,11 +461,11 @@ def train_and_fuse(inputs: JobInputs, settings: Settings) -> None:
     log.info("job %s published %s version %s", inputs.job_id, inputs.model_name, version)
 
 
-def unmerge(inputs: JobInputs, settings: Settings) -> None:
+def unmerge(inputs: JobInputs, settings: Settings, monitor: JobMonitor) -> None:
     config, fusion = engine_settings(inputs.config)
     store = artifact_store(settings)
     removed = inputs.config["unmerge_job_id"]
-    set_state(inputs.job_id, JobStatus.evaluating, "unmerging and verifying", removed_job=removed)
+    set_state(inputs, JobStatus.evaluating, "unmerging and verifying", removed_job=removed)
     with session_scope() as session:
         parent = latest_version(session, session.get(UnlearningJob, inputs.job_id).base_model)
     state = previous_state(store, inputs.model_name, parent)
@@ -330,7 +479,8 @@ def unmerge(inputs: JobInputs, settings: Settings) -> None:
     metrics = version_metrics(fused, config, fusion)
     if not fused.verification.passed:
         raise PublicationRefused("the adapter without the unmerged job failed verification", metrics)
-    set_state(inputs.job_id, JobStatus.publishing, "publishing")
+    monitor.check()
+    set_state(inputs, JobStatus.publishing, "publishing")
     with session_scope() as session:
         version = publish(session, inputs, parent, fused, metrics, engine_dict(config, fusion), settings)
         withdraw_requests(session, removed, inputs.job_id)
@@ -353,41 +503,52 @@ def engine_dict(config: UnlearnConfig, fusion: FusionSettings) -> dict:
     return {**config.to_dict(), "fusion": fusion.to_dict()}
 
 
-def fail(job_id: int, error: str, evaluation: dict | None, settings: Settings) -> None:
-    """Fail the job; its requests go back to pending, or fail for good after max_request_attempts."""
+def conclude(inputs: JobInputs, settings: Settings, outcome: str, error: str = "",
+             evaluation: dict | None = None) -> None:  # fmt: skip
+    """Record how an attempt that did not publish ended: refused (fail now), interrupted (cancel, requeue, or
+    nothing when the job was taken from this worker) or error (retry after a backoff, or fail)."""
     with session_scope() as session:
-        job = session.get(UnlearningJob, job_id)
-        if job is None or job.status in FINAL:
+        job = lifecycle.locked(session, *held_by_me(inputs))
+        if job is None:
+            log.warning("job %s was taken from this worker (presumed lost); leaving it", inputs.job_id)
             return
-        job.error = error
-        job.evaluation = evaluation
-        transition(session, job, JobStatus.failed, ACTOR, error=error)
-        for request in [] if job.method == UNMERGE else job.requests:
-            request.attempts += 1
-            if request.attempts >= settings.max_request_attempts:
-                request.status = RequestStatus.failed
-                request.failure_reason = error
-            else:
-                request.status = RequestStatus.pending
+        if outcome == "refused":
+            lifecycle.fail(session, job, error, settings, ACTOR, evaluation)
+        elif outcome == "cancel":
+            lifecycle.cancel(session, job, ACTOR, reason="cancelled by an admin")
+        elif outcome == "shutdown":
+            job.attempts -= 1  # a worker that stops cleanly used up no attempt: the job resumes from its checkpoint
+            transition(session, job, JobStatus.queued, ACTOR, reason="worker shutting down")
+            for request in [] if job.method == UNMERGE else job.requests:
+                request.status = RequestStatus.batched
+        else:
+            lifecycle.retry_or_fail(session, job, error, settings, ACTOR)
         session.commit()
+        finished = job.status in FINAL
+    store = artifact_store(settings)
+    if finished or outcome == "error":
+        store.scratch_delete(f"{job_key(inputs.job_id)}/")  # a failed attempt's checkpoint may be what failed
 
 
 def run_job(job_id: int, settings: Settings) -> None:
     with session_scope() as session:
-        job = session.get(UnlearningJob, job_id)
-        if job is None or job.status in FINAL:
-            log.info("job %s is %s; nothing to do", job_id, job.status if job else "missing")
-            return
-        inputs = start(session, job)
+        inputs = claim(session, job_id, settings)
         session.commit()
-    try:
-        if inputs.method == UNMERGE:
-            unmerge(inputs, settings)
-        else:
-            train_and_fuse(inputs, settings)
-    except PublicationRefused as exc:
-        log.warning("job %s published nothing: %s", job_id, exc)
-        fail(job_id, str(exc), exc.evaluation, settings)
-    except Exception as exc:
-        log.exception("job %s failed", job_id)
-        fail(job_id, f"{type(exc).__name__}: {exc}", None, settings)
+    if inputs is None:
+        return
+    with JobMonitor(inputs, settings) as monitor:
+        try:
+            (unmerge if inputs.method == UNMERGE else train_and_fuse)(inputs, settings, monitor)
+        except Interrupted as exc:
+            log.warning("job %s stopped: %s", job_id, exc)
+            conclude(inputs, settings, str(exc))
+            return
+        except PublicationRefused as exc:
+            log.warning("job %s published nothing: %s", job_id, exc)
+            conclude(inputs, settings, "refused", str(exc), exc.evaluation)
+            return
+        except Exception as exc:
+            log.exception("job %s failed", job_id)
+            conclude(inputs, settings, "error", f"{type(exc).__name__}: {exc}")
+            return
+    artifact_store(settings).scratch_delete(f"{job_key(inputs.job_id)}/")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import app.models  # noqa: F401  (maps every table, so foreign keys resolve in a worker process)
 from app.core.config import get_settings
 from app.core.db import session_scope
+from app.jobs.reconcile import reconcile
 from app.jobs.service import run_batcher
-from worker.celery_app import BATCH_PENDING, RUN_JOB, celery_app
+from worker.celery_app import BATCH_PENDING, RECONCILE, RUN_JOB, celery_app
 
 
 @celery_app.task(name=RUN_JOB)
@@ -17,7 +18,14 @@ def run_job(job_id: int) -> None:
     run(job_id, get_settings())
 
 
-@celery_app.task(name=BATCH_PENDING)
-def batch_pending() -> list[int]:
+@celery_app.task(name=BATCH_PENDING, bind=True)
+def batch_pending(self) -> list[int]:
     with session_scope() as session:
-        return [job.id for job in run_batcher(session, get_settings(), actor="scheduler")]
+        jobs = run_batcher(session, get_settings(), actor=f"scheduler:{self.request.hostname}")
+        return [job.id for job in jobs]
+
+
+@celery_app.task(name=RECONCILE, bind=True)
+def reconcile_jobs(self) -> dict:
+    with session_scope() as session:
+        return vars(reconcile(session, get_settings(), actor=f"scheduler:{self.request.hostname}"))

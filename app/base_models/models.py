@@ -21,5 +21,6 @@ class BaseModel(Base):
     retain_corpus: Mapped[str] = mapped_column(String(1000))
     holdout_corpus: Mapped[str] = mapped_column(String(1000))
     engine_config: Mapped[dict] = mapped_column(default=dict)
+    batching: Mapped[dict] = mapped_column(default=dict)  # overrides of the service's batching policy
     current_version: Mapped[int | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

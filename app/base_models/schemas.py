@@ -5,6 +5,7 @@ from datetime import datetime
 from pydantic import Field
 
 from app.core.schemas import Schema
+from app.jobs.batching import BatchingPolicy
 
 
 class BaseModelCreate(Schema):
@@ -14,6 +15,13 @@ class BaseModelCreate(Schema):
     retain_corpus: str = Field(min_length=1, max_length=1000, description="JSONL of items the model must keep.")
     holdout_corpus: str = Field(min_length=1, max_length=1000, description="JSONL of items it never saw.")
     engine_config: dict = Field(default_factory=dict, description="Engine settings for this model's jobs.")
+    batching: BatchingPolicy = Field(
+        default_factory=BatchingPolicy, description="Overrides of the service's batching policy for this model."
+    )
+
+
+class BaseModelUpdate(Schema):
+    batching: BatchingPolicy = Field(description="Replaces the model's batching overrides ({} for the defaults).")
 
 
 class BaseModelOut(Schema):
@@ -24,5 +32,6 @@ class BaseModelOut(Schema):
     retain_corpus: str
     holdout_corpus: str
     engine_config: dict
+    batching: dict
     current_version: int | None
     created_at: datetime

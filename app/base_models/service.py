@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 
 from app.audit.service import record
 from app.base_models.models import BaseModel
-from app.base_models.schemas import BaseModelCreate
+from app.base_models.schemas import BaseModelCreate, BaseModelUpdate
 from app.core.errors import Conflict, InvalidInput, NotFound
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -61,6 +61,7 @@ def register(session: Session, data: BaseModelCreate, actor: str) -> BaseModel:
         retain_corpus=str(retain),
         holdout_corpus=str(holdout),
         engine_config=data.engine_config,
+        batching=data.batching.model_dump(exclude_none=True),
     )
     session.add(model)
     session.flush()
@@ -77,4 +78,11 @@ def get_by_name(session: Session, name: str) -> BaseModel:
     if model is None:
         known = [m.name for m in list_models(session)]
         raise NotFound(f"unknown model '{name}'", {"known_models": known})
+    return model
+
+
+def update_batching(session: Session, model: BaseModel, data: BaseModelUpdate, actor: str) -> BaseModel:
+    previous, model.batching = model.batching, data.batching.model_dump(exclude_none=True)
+    record(session, actor, "base_model.batching_changed", "base_model", model.id, previous=previous,
+           batching=model.batching)  # fmt: skip
     return model

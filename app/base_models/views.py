@@ -3,7 +3,7 @@ from __future__ import annotations
 from fastapi import APIRouter, status
 
 from app.base_models import service
-from app.base_models.schemas import BaseModelCreate, BaseModelOut
+from app.base_models.schemas import BaseModelCreate, BaseModelOut, BaseModelUpdate
 from app.core.deps import AdminKey, ReaderKey, SessionDep
 
 router = APIRouter(prefix="/models", tags=["models"])
@@ -18,5 +18,13 @@ def list_models(key: ReaderKey, session: SessionDep) -> list[BaseModelOut]:
 def register_model(body: BaseModelCreate, key: AdminKey, session: SessionDep) -> BaseModelOut:
     """Register a Hugging Face causal LM from a local directory, with its retain and holdout corpora."""
     model = service.register(session, body, key.actor)
+    session.commit()
+    return BaseModelOut.model_validate(model)
+
+
+@router.patch("/{name}")
+def update_model(name: str, body: BaseModelUpdate, key: AdminKey, session: SessionDep) -> BaseModelOut:
+    """Change a model's batching policy overrides, e.g. `{"batching": {"schedule": "0 2 * * *"}}` for nightly jobs."""
+    model = service.update_batching(session, service.get_by_name(session, name), body, key.actor)
     session.commit()
     return BaseModelOut.model_validate(model)

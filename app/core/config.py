@@ -31,11 +31,31 @@ class Settings(BaseSettings):
     max_chars_per_item: int = Field(default=8_000, gt=0)
     max_page_size: int = Field(default=200, gt=0)
 
-    # Batching and jobs.
-    batch_interval_seconds: float = Field(default=30.0, gt=0)
+    # Batching policy; a model's `batching` overrides the first three. A model's pending requests become a job when
+    # their items reach batch_max_items, the oldest has waited batch_max_wait_seconds (or, for a model with a
+    # `schedule`, at its next cron time instead), or one is within batch_deadline_margin_seconds of its due date.
+    batch_max_items: int = Field(default=64, gt=0)
+    batch_max_wait_seconds: float = Field(default=3600.0, ge=0)
+    batch_deadline_margin_seconds: float = Field(default=3 * 86400.0, ge=0)
+    batch_interval_seconds: float = Field(default=30.0, gt=0)  # how often the scheduler checks the policy
+    batch_cron: str = ""  # instead of the interval: a crontab ("*/5 * * * *"), UTC
+
+    # Jobs: retries, heartbeats, checkpoints, reconciliation with the broker.
     max_request_attempts: int = Field(default=3, gt=0)
+    job_max_attempts: int = Field(default=3, gt=0)
+    job_retry_backoff_seconds: float = Field(default=60.0, ge=0)  # doubles with each attempt
+    job_retry_backoff_max_seconds: float = Field(default=3600.0, ge=0)
     progress_interval_seconds: float = Field(default=2.0, ge=0)
+    heartbeat_interval_seconds: float = Field(default=10.0, gt=0)
+    job_lost_after_seconds: float = Field(default=300.0, gt=0)  # a running job with an older heartbeat is lost
+    checkpoint_every_steps: int = Field(default=20, ge=0)  # 0: no checkpoints (a retried job restarts)
+    reconcile_interval_seconds: float = Field(default=30.0, gt=0)
     job_defaults: dict = Field(default_factory=dict)  # engine config overrides for every job (JSON)
+
+    # Celery with Redis redelivers an unacknowledged job after the visibility timeout: it must exceed the longest job.
+    broker_visibility_timeout_seconds: int = Field(default=86400, gt=0)
+    broker_connect_timeout_seconds: float = Field(default=3.0, gt=0)  # the API never hangs on a broker that is down
+    worker_soft_shutdown_seconds: float = Field(default=60.0, ge=0)  # grace for a stopping worker's job
 
     # Legal deadline for a deletion request (GDPR Art. 12(3): one month from receipt).
     deadline_months: int = Field(default=1, gt=0)
@@ -44,6 +64,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _embedded_defaults(self) -> Settings:
+        if self.job_lost_after_seconds <= 2 * self.heartbeat_interval_seconds:
+            raise ValueError("job_lost_after_seconds must exceed twice heartbeat_interval_seconds")
         if not self.database_url:
             self.database_url = f"sqlite:///{self.data_dir / 'unlearnd.sqlite'}"
         if self.artifact_dir is None:

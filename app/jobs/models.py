@@ -53,12 +53,16 @@ class UnlearningJob(Base):
     method: Mapped[str] = mapped_column(String(50))
     config: Mapped[dict] = mapped_column(default=dict)
     status: Mapped[str] = mapped_column(String(20), default=JobStatus.queued)
+    trigger: Mapped[str | None] = mapped_column(String(20))  # which batching rule formed the job
     progress: Mapped[dict] = mapped_column(default=dict)
     attempts: Mapped[int] = mapped_column(default=0)
     worker_hostname: Mapped[str | None] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     heartbeat_at: Mapped[datetime | None]
+    not_before: Mapped[datetime | None]  # a retried or deferred job is not sent to a worker before this
+    enqueued_at: Mapped[datetime | None]  # when its id was last sent to the broker
+    cancel_requested_at: Mapped[datetime | None]  # a running job stops at its next step
     finished_at: Mapped[datetime | None]
     error: Mapped[str | None] = mapped_column(Text)
     evaluation: Mapped[dict | None]  # what a failed verification measured

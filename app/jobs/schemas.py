@@ -21,8 +21,12 @@ class JobOut(Schema):
     started_at: datetime | None
     heartbeat_at: datetime | None
     finished_at: datetime | None
-    error: str | None
+    error: str | None  # the failure, or the last failed attempt's error while the job is retried
     evaluation: dict | None
+    trigger: str | None = Field(description="The batching rule that formed the job: size, deadline, wait, schedule, "
+                                "manual; none for an unmerge job.")  # fmt: skip
+    not_before: datetime | None = Field(description="A retried job is not started before this time.")
+    cancel_requested_at: datetime | None
     request_ids: list[uuid.UUID]
 
 

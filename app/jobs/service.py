@@ -2,78 +2,62 @@ from __future__ import annotations
 
 import logging
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.adapters.models import AdapterVersion
 from app.audit.service import record
 from app.base_models.models import BaseModel
 from app.core.config import Settings
+from app.core.db import utcnow
 from app.core.errors import Conflict, InvalidInput, NotFound
-from app.forget_requests.models import ForgetRequest, RequestStatus
+from app.jobs.batching import batch_pending, job_config
+from app.jobs.lifecycle import cancel
 from app.jobs.models import UNMERGE, JobStatus, UnlearningJob, job_key
 from app.jobs.schemas import JobOut
 from worker.celery_app import enqueue_job
 
 log = logging.getLogger(__name__)
 
-DEFAULT_METHOD = "ihl"
 
-
-def job_config(model: BaseModel, settings: Settings) -> dict:
-    """Engine settings for a new job: service-wide defaults, overridden per model."""
-    return {**settings.job_defaults, **model.engine_config}
-
-
-def batch_pending(session: Session, settings: Settings, actor: str) -> list[UnlearningJob]:
-    """Put every pending request of each model into one new job (caller commits, then enqueues).
-
-    On PostgreSQL the rows are claimed with FOR UPDATE SKIP LOCKED, so concurrent batchers never share a request.
-    SQLite has no row locks; its single writer lock serialises the whole transaction to the same effect.
-    """
-    pending = session.scalars(
-        select(ForgetRequest)
-        .where(ForgetRequest.status == RequestStatus.pending)
-        .order_by(ForgetRequest.received_at)
-        .with_for_update(skip_locked=True, of=ForgetRequest)
-    ).all()
-    by_model: dict[int, list[ForgetRequest]] = {}
-    for request in pending:
-        by_model.setdefault(request.base_model_id, []).append(request)
-    jobs = []
-    for requests in by_model.values():
-        model = requests[0].base_model
-        config = job_config(model, settings)
-        job = UnlearningJob(
-            base_model_id=model.id,
-            method=config.get("method", DEFAULT_METHOD),
-            config=config,
-            requests=requests,
-        )
-        session.add(job)
-        session.flush()
-        for request in requests:
-            request.status = RequestStatus.batched
-            record(session, actor, "forget_request.batched", "forget_request", request.id, job_id=job.id)
-        record(session, actor, "job.queued", "job", job.id, model=model.name, requests=len(requests))
-        jobs.append(job)
-    return jobs
-
-
-def enqueue(job_ids: list[int]) -> None:
-    """Tell the broker to look at these jobs. The database is the source of truth; a lost message is re-sent."""
+def enqueue(session: Session, job_ids: list[int]) -> None:
+    """Tell the broker to look at these jobs, after their rows are committed. The database is the source of truth:
+    a job whose message could not be sent stays queued with no `enqueued_at`, and reconciliation sends it."""
+    sent = []
     for job_id in job_ids:
         try:
             enqueue_job(job_id)
-        except Exception:  # broker down: the job stays queued in the database until reconciliation
-            log.exception("could not enqueue job %s; it stays queued in the database", job_id)
+            sent.append(job_id)
+        except Exception as exc:  # broker down: reconciliation sends the job when it is back
+            log.warning("could not enqueue job %s (%s); it stays queued in the database", job_id, type(exc).__name__)
+    if sent:
+        session.execute(update(UnlearningJob).where(UnlearningJob.id.in_(sent)).values(enqueued_at=utcnow()))
+        session.commit()
 
 
-def run_batcher(session: Session, settings: Settings, actor: str) -> list[UnlearningJob]:
-    jobs = batch_pending(session, settings, actor)
+def run_batcher(
+    session: Session, settings: Settings, actor: str, force: bool = False, only_model: BaseModel | None = None
+) -> list[UnlearningJob]:
+    jobs = batch_pending(session, settings, actor, force=force, only_model=only_model)
     session.commit()
-    enqueue([job.id for job in jobs])
+    enqueue(session, [job.id for job in jobs])
     return jobs
+
+
+def request_cancel(session: Session, job: UnlearningJob, actor: str) -> UnlearningJob:
+    """Cancel a queued job now; ask a running one to stop at its next step. Its requests go back to pending."""
+    if job.status == JobStatus.queued:
+        cancel(session, job, actor, reason="cancelled by an admin")
+    elif job.status in (JobStatus.running, JobStatus.evaluating):
+        if job.cancel_requested_at is None:
+            job.cancel_requested_at = utcnow()
+            record(session, actor, "job.cancel_requested", "job", job.id)
+    else:
+        raise Conflict(
+            f"job {job.id} is {job.status}: only queued, running or evaluating jobs can be cancelled",
+            {"status": job.status},
+        )
+    return job
 
 
 def create_unmerge(session: Session, model: BaseModel, job_id: int, settings: Settings, actor: str) -> UnlearningJob:
@@ -148,5 +132,8 @@ def to_out(job: UnlearningJob) -> JobOut:
         finished_at=job.finished_at,
         error=job.error,
         evaluation=job.evaluation,
+        trigger=job.trigger,
+        not_before=job.not_before,
+        cancel_requested_at=job.cancel_requested_at,
         request_ids=[r.id for r in job.requests],
     )

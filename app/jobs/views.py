@@ -33,10 +33,22 @@ def list_jobs(
     return JobPage(items=[service.to_out(j) for j in page], next_cursor=next_cursor)
 
 
+@router.post("/jobs/{job_id}/cancel", status_code=202)
+def cancel_job(job_id: int, key: AdminKey, session: SessionDep) -> JobOut:
+    """Cancel a job: a queued one at once, a running one at its next training step (`cancel_requested_at` is set
+    until then). Its requests go back to pending. A job already publishing answers 409."""
+    job = service.request_cancel(session, service.get(session, job_id), key.actor)
+    session.commit()
+    return service.to_out(job)
+
+
 @router.post("/admin/batches", status_code=201)
-def batch_now(key: AdminKey, session: SessionDep, settings: SettingsDep) -> BatchResult:
-    """Batch every pending request into jobs now (one per model) instead of waiting for the scheduler."""
-    jobs = service.run_batcher(session, settings, key.actor)
+def batch_now(key: AdminKey, session: SessionDep, settings: SettingsDep, model: str | None = None) -> BatchResult:
+    """Batch pending requests into jobs now, whatever the batching thresholds: one job per model (up to its
+    max_items), or only for `model`, except for a model that already has an unfinished job (its jobs run one at a
+    time)."""
+    only_model = get_by_name(session, model) if model else None
+    jobs = service.run_batcher(session, settings, key.actor, force=True, only_model=only_model)
     return BatchResult(jobs=[service.to_out(j) for j in jobs])
 
 
@@ -46,5 +58,5 @@ def unmerge_job(name: str, body: UnmergeCreate, key: AdminKey, session: SessionD
     a new version is published from the other jobs' statistics, and the job's requests become `cancelled`."""
     job = service.create_unmerge(session, get_by_name(session, name), body.job_id, settings, key.actor)
     session.commit()
-    service.enqueue([job.id])
+    service.enqueue(session, [job.id])
     return service.to_out(job)

@@ -76,7 +76,7 @@ def job_inputs(registered_model, tiny_demo_model, corpora):
     with session_scope() as session:
         model = get_by_name(session, registered_model)
         return JobInputs(
-            job_id=job_id, method="ihl", model_name=model.name, model_path=model.path,
+            job_id=job_id, attempt=0, method="ihl", model_name=model.name, model_path=model.path,
             tokenizer_path=model.tokenizer_path, weights_sha256=model.weights_sha256, config={},
             forget_items=corpora["forget"], items_per_request=[(request_id, 2)], retain_items=corpora["retain"],
             holdout_items=corpora["holdout"], held_sets={},

@@ -1,0 +1,181 @@
+"""The batching policy: when a model's pending requests become a job, and claiming them so no request is in two jobs.
+
+A model's pending requests form a job when their items reach `max_items` ("size"), one is within
+`deadline_margin_seconds` of its legal due date ("deadline"), or the oldest has waited `max_wait_seconds` ("wait");
+a model with a cron `schedule` (e.g. nightly for a large model) is batched at its scheduled times instead of after the
+wait ("schedule"). An admin's "batch now" forms jobs whatever the thresholds ("manual"). A job takes whole requests,
+oldest first, up to `max_items` (a single larger request still goes alone).
+
+Jobs of one model are serial, since each fuses onto the previous version: no job is formed for a model that still has
+an unfinished one; its requests wait for the next.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from celery.schedules import crontab
+from pydantic import Field, field_validator
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from app.audit.service import record
+from app.base_models.models import BaseModel
+from app.core.config import Settings
+from app.core.db import utcnow
+from app.core.schemas import Schema
+from app.forget_requests.models import ForgetRequest, RequestStatus
+from app.jobs.models import JobStatus, UnlearningJob
+
+DEFAULT_METHOD = "ihl"
+UNFINISHED = (JobStatus.queued, JobStatus.running, JobStatus.evaluating, JobStatus.publishing)
+
+
+def parse_cron(expression: str) -> crontab:
+    """A five-field crontab (minute hour day-of-month month day-of-week), evaluated in UTC."""
+    if len(expression.split()) != 5:
+        raise ValueError(f"a schedule is a five-field crontab, got {expression!r}")
+    return crontab.from_string(expression)
+
+
+class BatchingPolicy(Schema):
+    """A model's overrides of the service's batching policy (unset fields keep the service's settings)."""
+
+    max_items: int | None = Field(default=None, gt=0, le=100_000, description="Items that trigger a job, and cap it.")
+    max_wait_seconds: float | None = Field(default=None, ge=0, description="Oldest request's wait that triggers one.")
+    deadline_margin_seconds: float | None = Field(default=None, ge=0, description="Due-date margin that triggers one.")
+    schedule: str | None = Field(
+        default=None, max_length=100, description="Crontab (UTC), e.g. '0 2 * * *': batch at these times, not by wait."
+    )
+
+    @field_validator("schedule")
+    @classmethod
+    def _valid_cron(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_cron(value)
+        return value
+
+
+@dataclass(frozen=True)
+class Policy:
+    max_items: int
+    max_wait: timedelta
+    deadline_margin: timedelta
+    schedule: str | None
+
+    @classmethod
+    def for_model(cls, model: BaseModel, settings: Settings) -> Policy:
+        override = BatchingPolicy.model_validate(model.batching)
+        pick = lambda value, default: default if value is None else value  # noqa: E731
+        return cls(
+            max_items=pick(override.max_items, settings.batch_max_items),
+            max_wait=timedelta(seconds=pick(override.max_wait_seconds, settings.batch_max_wait_seconds)),
+            deadline_margin=timedelta(
+                seconds=pick(override.deadline_margin_seconds, settings.batch_deadline_margin_seconds)
+            ),
+            schedule=override.schedule,
+        )
+
+    def trigger(self, pending: Sequence[ForgetRequest], now: datetime) -> str | None:
+        """Which rule forms a job from these pending requests (oldest first) now, if any."""
+        if not pending:
+            return None
+        if sum(len(r.items) for r in pending) >= self.max_items:
+            return "size"
+        if min(r.due_at for r in pending) - now <= self.deadline_margin:
+            return "deadline"
+        oldest = pending[0].received_at
+        if self.schedule is not None:
+            # due when a scheduled time has passed since the oldest request arrived
+            cron = parse_cron(self.schedule)
+            cron.nowfun = lambda: now
+            return "schedule" if cron.remaining_estimate(oldest) <= timedelta(0) else None
+        return "wait" if now - oldest >= self.max_wait else None
+
+    def take(self, pending: Sequence[ForgetRequest]) -> list[ForgetRequest]:
+        """Whole requests, oldest first, up to max_items items (at least one request)."""
+        taken, items = [], 0
+        for request in pending:
+            if taken and items + len(request.items) > self.max_items:
+                break
+            taken.append(request)
+            items += len(request.items)
+        return taken
+
+
+def _take_writer_lock(session: Session) -> None:
+    """SQLite has no row locks: a no-op write first takes its single writer lock for the whole transaction, so a
+    second batcher waits until this one commits and then sees the requests it claimed as batched."""
+    if session.get_bind().dialect.name == "sqlite":
+        session.execute(update(BaseModel).where(BaseModel.id == -1).values(name=BaseModel.name))
+
+
+def batch_pending(
+    session: Session,
+    settings: Settings,
+    actor: str,
+    force: bool = False,
+    only_model: BaseModel | None = None,
+    now: datetime | None = None,
+) -> list[UnlearningJob]:
+    """Form at most one job per model from its pending requests, per the policy (caller commits, then enqueues).
+
+    On PostgreSQL each model row is claimed with FOR UPDATE SKIP LOCKED, then its pending requests likewise: two
+    batchers never work on the same model at once, so no request lands in two jobs and no model gets two jobs.
+    """
+    now = now or utcnow()
+    _take_writer_lock(session)
+    waiting = select(ForgetRequest.base_model_id).where(ForgetRequest.status == RequestStatus.pending).distinct()
+    busy = select(UnlearningJob.base_model_id).where(UnlearningJob.status.in_(UNFINISHED))
+    query = select(BaseModel).where(BaseModel.id.in_(waiting), BaseModel.id.not_in(busy))
+    if only_model is not None:
+        query = query.where(BaseModel.id == only_model.id)
+    models = session.scalars(query.order_by(BaseModel.id).with_for_update(skip_locked=True)).all()
+    jobs = []
+    for model in models:
+        # re-checked under the model's lock: another batcher may have committed a job since the query above
+        unfinished = UnlearningJob.base_model_id == model.id, UnlearningJob.status.in_(UNFINISHED)
+        if session.scalar(select(func.count()).where(*unfinished)):
+            continue
+        pending = session.scalars(
+            select(ForgetRequest)
+            .where(ForgetRequest.base_model_id == model.id, ForgetRequest.status == RequestStatus.pending)
+            .order_by(ForgetRequest.received_at, ForgetRequest.id)
+            .with_for_update(skip_locked=True, of=ForgetRequest)
+        ).all()
+        policy = Policy.for_model(model, settings)
+        trigger = "manual" if force and pending else policy.trigger(pending, now)
+        if trigger is not None:
+            jobs.append(_form_job(session, model, policy.take(pending), trigger, settings, actor))
+    return jobs
+
+
+def job_config(model: BaseModel, settings: Settings) -> dict:
+    """Engine settings for a new job: service-wide defaults, overridden per model."""
+    return {**settings.job_defaults, **model.engine_config}
+
+
+def _form_job(
+    session: Session, model: BaseModel, requests: list[ForgetRequest], trigger: str, settings: Settings, actor: str
+) -> UnlearningJob:
+    config = job_config(model, settings)
+    job = UnlearningJob(
+        base_model_id=model.id,
+        method=config.get("method", DEFAULT_METHOD),
+        config=config,
+        trigger=trigger,
+        requests=requests,
+    )
+    session.add(job)
+    session.flush()
+    for request in requests:
+        request.status = RequestStatus.batched
+        record(session, actor, "forget_request.batched", "forget_request", request.id, job_id=job.id)
+    items = sum(len(r.items) for r in requests)
+    record(
+        session, actor, "job.queued", "job", job.id, model=model.name, requests=len(requests), items=items,
+        trigger=trigger,
+    )  # fmt: skip
+    return job
