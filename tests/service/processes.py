@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -10,7 +11,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
+
 ROOT = Path(__file__).resolve().parents[2]
+JOB_TIMEOUT_SECONDS = 600
 
 
 def free_port() -> int:
@@ -57,3 +61,21 @@ def start_worker(log: Path, name: str) -> subprocess.Popen:
     if process.poll() is not None:
         raise RuntimeError(f"worker exited early:\n{log.read_text()[-3000:]}")
     return process
+
+
+def wait_for_job(api: httpx.Client, job_id: int, timeout: float = JOB_TIMEOUT_SECONDS) -> dict:
+    """Poll a job over the API until it is succeeded, failed or cancelled."""
+    job: dict = {}
+
+    def finished() -> bool:
+        nonlocal job
+        job = api.get(f"/v1/jobs/{job_id}").json()
+        return job["status"] in ("succeeded", "failed", "cancelled")
+
+    wait_until(finished, timeout, f"job {job_id}", interval=0.5)
+    return job
+
+
+def candidates(demo) -> list[dict]:
+    """Records the demo model memorised, to ask it to forget."""
+    return [json.loads(line) for line in demo.forget_candidates.read_text().splitlines()]

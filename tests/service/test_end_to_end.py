@@ -11,11 +11,9 @@ import httpx
 import pytest
 
 from tests.service.conftest import DATA_DIR, auth, register_demo_model
-from tests.service.processes import free_port, start, start_worker, stop, wait_until
+from tests.service.processes import candidates, free_port, start, start_worker, stop, wait_for_job, wait_until
 
 pytestmark = pytest.mark.integration
-
-JOB_TIMEOUT_SECONDS = 600
 
 
 @pytest.fixture(scope="module")
@@ -42,18 +40,6 @@ def worker_process(database):
     stop(process)
 
 
-def wait_for_job(api: httpx.Client, job_id: int) -> dict:
-    job: dict = {}
-
-    def finished() -> bool:
-        nonlocal job
-        job = api.get(f"/v1/jobs/{job_id}").json()
-        return job["status"] in ("succeeded", "failed", "cancelled")
-
-    wait_until(finished, JOB_TIMEOUT_SECONDS, f"job {job_id}", interval=1)
-    return job
-
-
 def forget_and_wait(api: httpx.Client, name: str, items: list[dict]) -> tuple[str, dict]:
     """Submit one request, batch it now, wait for its job; returns (request id, finished job)."""
     submitted = api.post(
@@ -62,10 +48,6 @@ def forget_and_wait(api: httpx.Client, name: str, items: list[dict]) -> tuple[st
     assert submitted.status_code == 201, submitted.text
     (job,) = [job for job in api.post("/v1/admin/batches").json()["jobs"] if job["model"] == name]
     return submitted.json()["id"], wait_for_job(api, job["id"])
-
-
-def candidates(demo) -> list[dict]:
-    return [json.loads(line) for line in demo.forget_candidates.read_text().splitlines()]
 
 
 def test_request_over_http_becomes_a_published_adapter(live_api, worker_process, admin_key, tiny_demo_model):
