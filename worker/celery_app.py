@@ -90,10 +90,9 @@ def _job_id(message: dict) -> int | None:
     return int(args[0])
 
 
-def broker_job_ids(held_within_seconds: float) -> set[int] | None:
+def broker_job_ids(settings: Settings, held_within_seconds: float) -> set[int] | None:
     """Ids of the jobs the broker holds: waiting in the gpu queue, or delivered to a worker within the last
     `held_within_seconds` and not yet acknowledged. None when the transport cannot be inspected."""
-    settings = get_settings()
     messages: list[dict] = []
     if settings.broker_url.startswith("filesystem://"):
         # kombu's filesystem transport removes a message's file when a worker takes it

@@ -57,7 +57,7 @@ def resend_queued_jobs(session: Session, settings: Settings) -> list[int]:
     ).all()
     if not due:
         return []
-    held = broker_job_ids(held_within_seconds=settings.job_lost_after_seconds)
+    held = broker_job_ids(settings, held_within_seconds=settings.job_lost_after_seconds)
     # a message just taken by a worker is briefly in neither the queue nor the unacknowledged set
     grace = timedelta(seconds=settings.reconcile_interval_seconds)
     missing = [

@@ -157,10 +157,10 @@ def test_reconciliation_sends_queued_jobs_the_broker_lacks_once(queued_job, sett
     from app.jobs.reconcile import reconcile
     from worker.celery_app import broker_job_ids
 
-    assert queued_job not in broker_job_ids(held_within_seconds=60)
+    assert queued_job not in broker_job_ids(settings, held_within_seconds=60)
     with session_scope() as session:
         assert queued_job in reconcile(session, settings, "test").sent
-    assert queued_job in broker_job_ids(held_within_seconds=60)
+    assert queued_job in broker_job_ids(settings, held_within_seconds=60)
     set_job(queued_job, enqueued_at=set_back(settings))  # even long after, it is not sent twice: the broker holds it
     with session_scope() as session:
         assert queued_job not in reconcile(session, settings, "test").sent
@@ -193,3 +193,16 @@ def test_reconciliation_recovers_a_lost_job_and_fails_it_after_its_attempts(queu
         ).all()
     assert job_and_request_states(queued_job)[:2] == ("failed", ["pending"])
     assert events[-1] == "job.failed" and "job.queued" in events
+
+
+def test_the_embedded_filesystem_broker_is_inspected_too(tmp_path):
+    from app.core.config import Settings
+    from worker.celery_app import GPU_QUEUE, RUN_JOB, broker_job_ids, make_celery
+
+    settings = Settings(data_dir=tmp_path, broker_url="filesystem://")
+    celery = make_celery(settings)
+    assert broker_job_ids(settings, held_within_seconds=60) == set()
+    for job_id in (5, 7):
+        celery.send_task(RUN_JOB, args=[job_id], queue=GPU_QUEUE)
+    celery.send_task("unlearnd.batch_pending", queue="default")  # not a job
+    assert broker_job_ids(settings, held_within_seconds=60) == {5, 7}
