@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
 
-from sqlalchemy import JSON, BigInteger, DateTime, Engine, Integer, create_engine, event
+from sqlalchemy import JSON, BigInteger, DateTime, Engine, Integer, create_engine, event, text
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
@@ -61,6 +61,14 @@ def make_engine(url: str) -> Engine:
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def lock_for_write(session: Session) -> None:
+    """SQLite's stand-in for row locks: a no-op write takes its single writer lock now, for the whole transaction,
+    so a concurrent transaction that would lock the same rows waits for this one instead of reading stale rows.
+    PostgreSQL needs nothing: its callers lock the rows themselves (FOR UPDATE)."""
+    if session.get_bind().dialect.name == "sqlite":
+        session.execute(text("UPDATE base_models SET id = id WHERE 0"))
 
 
 @lru_cache

@@ -18,13 +18,13 @@ from datetime import datetime, timedelta
 
 from celery.schedules import crontab
 from pydantic import Field, field_validator
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.audit.service import record
 from app.base_models.models import BaseModel
 from app.core.config import Settings
-from app.core.db import utcnow
+from app.core.db import lock_for_write, utcnow
 from app.core.schemas import Schema
 from app.forget_requests.models import ForgetRequest, RequestStatus
 from app.jobs.models import JobStatus, UnlearningJob
@@ -105,13 +105,6 @@ class Policy:
         return taken
 
 
-def _take_writer_lock(session: Session) -> None:
-    """SQLite has no row locks: a no-op write first takes its single writer lock for the whole transaction, so a
-    second batcher waits until this one commits and then sees the requests it claimed as batched."""
-    if session.get_bind().dialect.name == "sqlite":
-        session.execute(update(BaseModel).where(BaseModel.id == -1).values(name=BaseModel.name))
-
-
 def batch_pending(
     session: Session,
     settings: Settings,
@@ -124,9 +117,10 @@ def batch_pending(
 
     On PostgreSQL each model row is claimed with FOR UPDATE SKIP LOCKED, then its pending requests likewise: two
     batchers never work on the same model at once, so no request lands in two jobs and no model gets two jobs.
+    On SQLite the writer lock serialises batchers instead.
     """
     now = now or utcnow()
-    _take_writer_lock(session)
+    lock_for_write(session)
     waiting = select(ForgetRequest.base_model_id).where(ForgetRequest.status == RequestStatus.pending).distinct()
     busy = select(UnlearningJob.base_model_id).where(UnlearningJob.status.in_(UNFINISHED))
     query = select(BaseModel).where(BaseModel.id.in_(waiting), BaseModel.id.not_in(busy))

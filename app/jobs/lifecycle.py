@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from app.audit.service import record
 from app.core.config import Settings
-from app.core.db import utcnow
+from app.core.db import lock_for_write, utcnow
 from app.core.errors import Conflict
 from app.forget_requests.models import RequestStatus
 from app.jobs.models import UNMERGE, JobStatus, UnlearningJob
@@ -32,6 +32,7 @@ ACTIVE = frozenset({JobStatus.running, JobStatus.evaluating, JobStatus.publishin
 
 def locked(session: Session, *conditions) -> UnlearningJob | None:
     """The job matching `conditions`, re-read and row-locked (FOR UPDATE) until the caller's transaction ends."""
+    lock_for_write(session)
     query = select(UnlearningJob).where(*conditions).with_for_update(of=UnlearningJob)
     return session.scalar(query.execution_options(populate_existing=True))
 
