@@ -156,6 +156,10 @@ def keys_revoke(key_id: int) -> None:
     typer.echo(f"revoked key {key_id}")
 
 
+def _stop_children(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 @cli.command()
 def up(port: int = 8000, demo_size: str = "demo") -> None:
     """Everything on the embedded defaults: migrate, build and register the demo model if missing, create an
@@ -177,6 +181,8 @@ def up(port: int = 8000, demo_size: str = "demo") -> None:
         session.commit()
     typer.echo(f"\nadmin API key (shown once): {secret}\nAPI: http://127.0.0.1:{port}  docs: /docs\n")
     exe = [sys.executable, "-m", "app.cli"]
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, or a process manager stopping us
+        signal.signal(stop_signal, _stop_children)
     processes = [
         subprocess.Popen([*exe, "serve", "--port", str(port)]),
         subprocess.Popen([*exe, "worker"]),

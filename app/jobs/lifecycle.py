@@ -44,6 +44,7 @@ def transition(session: Session, job: UnlearningJob, target: JobStatus, actor: s
     job.status = target
     if target in FINAL:
         job.finished_at = utcnow()
+        job.progress = {**job.progress, "phase": "done", "eta_seconds": None}
     record(session, actor, f"job.{target}", "job", job.id, previous=current.value, **data)
 
 
