@@ -9,6 +9,7 @@ import time
 
 import redis
 from celery import Celery
+from celery.signals import worker_init
 from kombu import Queue
 
 from app.core.config import Settings, get_settings
@@ -73,6 +74,19 @@ def make_celery(settings: Settings) -> Celery:
 
 
 celery_app = make_celery(get_settings())
+
+
+@worker_init.connect(weak=False)
+def refuse_pools_that_fork_after_cuda(sender, **_: object) -> None:
+    """CUDA cannot be used in a child forked from a process that initialised it: run jobs in the solo pool, or in a
+    pool that gives every job a fresh child (--max-tasks-per-child 1) and never runs one in the parent."""
+    pool = sender.pool_cls if isinstance(sender.pool_cls, str) else sender.pool_cls.__module__.rsplit(".", 1)[-1]
+    if pool != "solo" and sender.max_tasks_per_child != 1:
+        # SystemExit: Celery logs and swallows any Exception a signal handler raises
+        raise SystemExit(
+            f"refusing to start: the {pool} pool reuses processes across jobs; run `unlearnd worker` (solo pool, one "
+            "process per GPU) or pass --max-tasks-per-child 1"
+        )
 
 
 def enqueue_job(job_id: int) -> None:

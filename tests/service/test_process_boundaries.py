@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,3 +51,28 @@ def test_compose_services_run_real_subcommands_and_dockerfiles_exist():
         dockerfile = ROOT / service["build"].get("context", ".") / service["build"]["dockerfile"]
         assert dockerfile.is_file(), dockerfile
     assert compose["services"]["worker"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+
+
+@pytest.mark.parametrize(
+    ("pool_args", "starts"),
+    [
+        (["--pool", "prefork", "--concurrency", "1"], False),
+        (["--pool", "prefork", "--concurrency", "1", "--max-tasks-per-child", "1"], True),
+    ],
+)
+def test_a_worker_pool_that_would_fork_after_cuda_is_refused(database, tmp_path, pool_args, starts):
+    from tests.service.processes import wait_until
+
+    log = tmp_path / "worker.log"
+    command = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--loglevel", "INFO", "--queues",
+               "nothing", *pool_args]  # fmt: skip
+    with log.open("wb") as out:
+        worker = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=os.environ)
+    try:
+        wait_until(lambda: worker.poll() is not None or b"ready." in log.read_bytes(), 120, "the worker")
+        assert (worker.poll() is None) == starts, log.read_text()[-2000:]
+        if not starts:
+            assert "--max-tasks-per-child 1" in log.read_text()
+    finally:
+        worker.kill()
+        worker.wait()
