@@ -16,8 +16,9 @@ over the API; no Celery worker runs, so they stay queued). Then --clients client
   same id).
 Afterwards every request id the server answered must be in the database under its subject_request_id (and a 201's
 row must hold the body sent), else it is lost; a subject_request_id with more than one request id, in answers or
-rows, counts the extra ones as duplicates. The server is stopped and the database dropped, also on errors and Ctrl-C.
-Exit status 1 if anything was lost or duplicated. Each client's choices are seeded; timings are not.
+rows, counts the extra ones as duplicates. The server is stopped and the database dropped, also on errors, Ctrl-C and
+SIGTERM. Exit status 1 if anything was lost or duplicated. Each client's sequence of operations is seeded; timings
+are not.
 """
 
 from __future__ import annotations
@@ -177,7 +178,9 @@ class Client:
 
     def __init__(self, index: int, http: httpx.AsyncClient, jobs: list[int], mix: Mix, tally: Tally, seed: int) -> None:
         self.index, self.http, self.jobs, self.mix, self.tally = index, http, jobs, mix, tally
-        self.rng = random.Random(f"{seed}-{index}")
+        # the kinds of operations and the jobs polled are seeded; which accepted body a replay picks depends on
+        # what was accepted by then, so it draws from a generator of its own
+        self.plan, self.pick = random.Random(f"{seed}-{index}"), random.Random(f"{seed}-{index}-pick")
         self.submitted = 0
 
     async def run(self, deadline: float) -> None:
@@ -185,17 +188,17 @@ class Client:
             await self.step()
 
     async def step(self) -> None:
-        m, r = self.mix, self.rng.random()
-        if r < m.get_fraction:
-            return await self.get_job()
-        r, accepted = self.rng.random(), self.tally.accepted
-        if r < m.replay_fraction and accepted:
-            return await self.replay(self.rng.choice(accepted))
-        r -= m.replay_fraction
-        if r < m.conflict_fraction and accepted:
-            return await self.conflict(self.rng.choice(accepted))
-        r -= m.conflict_fraction
-        if r < m.race_fraction:
+        m, accepted = self.mix, self.tally.accepted
+        if self.plan.random() < m.get_fraction:
+            return await self.get_job(self.plan.choice(self.jobs))
+        r = self.plan.random()
+        if r < m.replay_fraction + m.conflict_fraction and not accepted:
+            return await self.submit_new()  # nothing accepted yet to re-send
+        if r < m.replay_fraction:
+            return await self.replay(self.pick.choice(accepted))
+        if r < m.replay_fraction + m.conflict_fraction:
+            return await self.conflict(self.pick.choice(accepted))
+        if r < m.replay_fraction + m.conflict_fraction + m.race_fraction:
             return await self.race()
         return await self.submit_new()
 
@@ -242,8 +245,7 @@ class Client:
         if answered and sorted((first.status_code, second.status_code)) != [200, 201]:
             self.tally.errors[f"race: {first.status_code} and {second.status_code}"] += 1
 
-    async def get_job(self) -> None:
-        job_id = self.rng.choice(self.jobs)
+    async def get_job(self, job_id: int) -> None:
         started = time.monotonic()
         try:
             response = await self.http.get(f"/v1/jobs/{job_id}")
