@@ -390,22 +390,26 @@ def _stop_group(process: subprocess.Popen) -> None:
 
 
 def queued_jobs(base_url: str, admin_key: str, demo: DemoModel, jobs: int) -> list[int]:
-    """Register the demo model, then submit one request and batch it, `jobs` times: that many queued jobs."""
+    """Register the demo model `jobs` times (the load's model first), then submit one request to each and batch it:
+    that many queued jobs. A model has one unfinished job at a time, hence one model per job."""
     headers = {"Authorization": f"Bearer {admin_key}"}
+    ids = []
     with httpx.Client(base_url=base_url, headers=headers, timeout=30) as http:
-        model = {
-            "name": MODEL_NAME,
-            "path": str(demo.model_dir),
-            "retain_corpus": str(demo.retain_corpus),
-            "holdout_corpus": str(demo.holdout_corpus),
-        }
-        http.post("/v1/models", json=model).raise_for_status()
-        ids = []
         for j in range(jobs):
-            http.post("/v1/forget-requests", json=request_body(MODEL_NAME, f"setup-{j}", 1)).raise_for_status()
-            batch = http.post("/v1/admin/batches")
+            name = MODEL_NAME if j == 0 else f"{MODEL_NAME}-{j}"
+            model = {
+                "name": name,
+                "path": str(demo.model_dir),
+                "retain_corpus": str(demo.retain_corpus),
+                "holdout_corpus": str(demo.holdout_corpus),
+            }
+            http.post("/v1/models", json=model).raise_for_status()
+            http.post("/v1/forget-requests", json=request_body(name, f"setup-{j}", 1)).raise_for_status()
+            batch = http.post("/v1/admin/batches", params={"model": name})
             batch.raise_for_status()
             ids += [job["id"] for job in batch.json()["jobs"]]
+    if len(ids) != jobs:
+        raise RuntimeError(f"expected {jobs} queued jobs, got {len(ids)}")
     return ids
 
 
