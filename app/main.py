@@ -21,6 +21,7 @@ from app.core.limits import BodySizeLimit
 from app.evidence.views import router as evidence_router
 from app.forget_requests.views import router as requests_router
 from app.jobs.views import router as jobs_router
+from app.retention.views import router as retention_router
 from worker.celery_app import broker_reachable
 
 log = logging.getLogger(__name__)
@@ -101,8 +102,8 @@ def create_app() -> FastAPI:
     settings = get_settings()
     app = FastAPI(title="unlearnd", version="0.1.0", description="Make a language model forget data on request.")
     v1 = APIRouter(prefix="/v1")
-    routers = (requests_router, evidence_router, jobs_router, models_router, adapters_router, aliases_router)
-    for router in routers:
+    routers = (requests_router, evidence_router, retention_router, jobs_router, models_router, adapters_router)
+    for router in (*routers, aliases_router):
         v1.include_router(router)
     app.include_router(v1)
     app.include_router(health)

@@ -11,6 +11,7 @@ GPU_QUEUE = "gpu"
 DEFAULT_QUEUE = "default"
 RUN_JOB = "unlearnd.run_job"
 BATCH_PENDING = "unlearnd.batch_pending"
+SHRED_DUE = "unlearnd.shred_due"
 
 
 def _transport_options(settings: Settings) -> dict:
@@ -45,6 +46,7 @@ def make_celery(settings: Settings) -> Celery:
         accept_content=["json"],
         beat_schedule={
             "batch-pending-requests": {"task": BATCH_PENDING, "schedule": settings.batch_interval_seconds},
+            "shred-due-requests": {"task": SHRED_DUE, "schedule": settings.shred_interval_seconds},
         },
         beat_schedule_filename=str(settings.beat_schedule_file),
         worker_hijack_root_logger=False,

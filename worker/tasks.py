@@ -6,7 +6,8 @@ import app.models  # noqa: F401  (maps every table, so foreign keys resolve in a
 from app.core.config import get_settings
 from app.core.db import session_scope
 from app.jobs.service import run_batcher
-from worker.celery_app import BATCH_PENDING, RUN_JOB, celery_app
+from app.retention.service import shred_due
+from worker.celery_app import BATCH_PENDING, RUN_JOB, SHRED_DUE, celery_app
 
 
 @celery_app.task(name=RUN_JOB)
@@ -21,3 +22,10 @@ def run_job(job_id: int) -> None:
 def batch_pending() -> list[int]:
     with session_scope() as session:
         return [job.id for job in run_batcher(session, get_settings(), actor="scheduler")]
+
+
+@celery_app.task(name=SHRED_DUE)
+def shred_due_requests() -> list[str]:
+    """Crypto-shred every request whose retention window is over (runs on the default queue)."""
+    with session_scope() as session:
+        return [str(request_id) for request_id in shred_due(session, get_settings(), actor="scheduler")]

@@ -46,6 +46,12 @@ class Settings(BaseSettings):
     signing_key: SecretStr | None = None  # PEM (PKCS#8) Ed25519 private key that signs forget certificates
     signing_key_file: Path | None = None  # a file holding that PEM
 
+    # Retention: a request's texts are crypto-shredded once it is covered by a published version re-verified by the
+    # next `retention_versions` versions, and `retention_days` have passed since it completed, whichever is later.
+    retention_versions: int = Field(default=2, ge=0)
+    retention_days: float = Field(default=30.0, ge=0)
+    shred_interval_seconds: float = Field(default=3600.0, gt=0)
+
     log_level: str = "INFO"
 
     @model_validator(mode="after")
