@@ -10,7 +10,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
+
 ROOT = Path(__file__).resolve().parents[2]
+JOB_TIMEOUT_SECONDS = 600
 
 
 def free_port() -> int:
@@ -57,3 +60,16 @@ def start_worker(log: Path, name: str) -> subprocess.Popen:
     if process.poll() is not None:
         raise RuntimeError(f"worker exited early:\n{log.read_text()[-3000:]}")
     return process
+
+
+def wait_for_job(api: httpx.Client, job_id: int) -> dict:
+    """Poll the API until the job is finished; returns it."""
+    job: dict = {}
+
+    def finished() -> bool:
+        nonlocal job
+        job = api.get(f"/v1/jobs/{job_id}").json()
+        return job["status"] in ("succeeded", "failed", "cancelled")
+
+    wait_until(finished, JOB_TIMEOUT_SECONDS, f"job {job_id}", interval=1)
+    return job

@@ -11,47 +11,9 @@ import httpx
 import pytest
 
 from tests.service.conftest import DATA_DIR, auth, register_demo_model
-from tests.service.processes import free_port, start, start_worker, stop, wait_until
+from tests.service.processes import wait_for_job
 
 pytestmark = pytest.mark.integration
-
-JOB_TIMEOUT_SECONDS = 600
-
-
-@pytest.fixture(scope="module")
-def live_api(database):
-    port = free_port()
-    process = start(["serve", "--port", str(port)], DATA_DIR / "api.log")
-    base = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        try:
-            return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_until(healthy, 60, "the API")
-    yield base
-    stop(process)
-
-
-@pytest.fixture(scope="module")
-def worker_process(database):
-    process = start_worker(DATA_DIR / "worker-e2e.log", f"e2e-{uuid.uuid4().hex[:6]}")
-    yield process
-    stop(process)
-
-
-def wait_for_job(api: httpx.Client, job_id: int) -> dict:
-    job: dict = {}
-
-    def finished() -> bool:
-        nonlocal job
-        job = api.get(f"/v1/jobs/{job_id}").json()
-        return job["status"] in ("succeeded", "failed", "cancelled")
-
-    wait_until(finished, JOB_TIMEOUT_SECONDS, f"job {job_id}", interval=1)
-    return job
 
 
 def forget_and_wait(api: httpx.Client, name: str, items: list[dict]) -> tuple[str, dict]:
