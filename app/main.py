@@ -102,8 +102,15 @@ def create_app() -> FastAPI:
     settings = get_settings()
     app = FastAPI(title="unlearnd", version="0.1.0", description="Make a language model forget data on request.")
     v1 = APIRouter(prefix="/v1")
-    routers = (requests_router, evidence_router, retention_router, jobs_router, models_router, adapters_router)
-    for router in (*routers, aliases_router):
+    for router in (
+        requests_router,
+        evidence_router,
+        retention_router,
+        jobs_router,
+        models_router,
+        adapters_router,
+        aliases_router,
+    ):
         v1.include_router(router)
     app.include_router(v1)
     app.include_router(health)
