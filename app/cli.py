@@ -114,6 +114,33 @@ def demo_model(
         _register_demo(name, demo)
 
 
+@cli.command("verify-certificate")
+def verify_certificate(
+    file: Annotated[Path, typer.Argument(help="A certificate as served by GET /v1/forget-requests/{id}/certificate.")],
+    public_key: Annotated[
+        Path | None,
+        typer.Option(help="PEM public key from GET /v1/keys/certificate-signing (default: this installation's)."),
+    ] = None,
+) -> None:
+    """Check a forget certificate offline: exit 0 if its signature matches its payload and the key, 1 if not."""
+    import json
+
+    from app.core.keys import KeyConfigurationError, load_public_key_pem, signing_key
+    from app.evidence.signing import InvalidCertificate, verify
+
+    try:
+        key = load_public_key_pem(public_key.read_bytes()) if public_key else signing_key(get_settings()).public_key()
+        payload = verify(json.loads(file.read_bytes()), key)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, InvalidCertificate, KeyConfigurationError) as error:
+        typer.echo(f"INVALID: {error}", err=True)
+        raise typer.Exit(code=1) from None
+    versions = [payload["first_version"]["version"], *(v["version"] for v in payload["verified_by"])]
+    typer.echo(
+        f"valid: request {payload['request_id']} ({payload['subject_request_id']}), {len(payload['items'])} items, "
+        f"model {payload['base_model']['name']}, covered by versions {versions}"
+    )
+
+
 @keys.command("create")
 def keys_create(
     name: Annotated[str, typer.Option(help="Who the key is for.")],

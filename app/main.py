@@ -18,8 +18,10 @@ from app.core.config import get_settings
 from app.core.db import get_engine
 from app.core.errors import DomainError, error_body
 from app.core.limits import BodySizeLimit
+from app.evidence.views import router as evidence_router
 from app.forget_requests.views import router as requests_router
 from app.jobs.views import router as jobs_router
+from app.retention.views import router as retention_router
 from worker.celery_app import broker_reachable
 
 log = logging.getLogger(__name__)
@@ -100,7 +102,15 @@ def create_app() -> FastAPI:
     settings = get_settings()
     app = FastAPI(title="unlearnd", version="0.1.0", description="Make a language model forget data on request.")
     v1 = APIRouter(prefix="/v1")
-    for router in (requests_router, jobs_router, models_router, adapters_router, aliases_router):
+    for router in (
+        requests_router,
+        evidence_router,
+        retention_router,
+        jobs_router,
+        models_router,
+        adapters_router,
+        aliases_router,
+    ):
         v1.include_router(router)
     app.include_router(v1)
     app.include_router(health)

@@ -20,6 +20,7 @@ DEFAULT_QUEUE = "default"
 RUN_JOB = "unlearnd.run_job"
 BATCH_PENDING = "unlearnd.batch_pending"
 RECONCILE = "unlearnd.reconcile"
+SHRED_DUE = "unlearnd.shred_due"
 
 
 def _transport_options(settings: Settings) -> dict:
@@ -66,6 +67,7 @@ def make_celery(settings: Settings) -> Celery:
         beat_schedule={
             "batch-pending-requests": {"task": BATCH_PENDING, "schedule": batch_schedule},
             "reconcile-jobs": {"task": RECONCILE, "schedule": settings.reconcile_interval_seconds},
+            "shred-due-requests": {"task": SHRED_DUE, "schedule": settings.shred_interval_seconds},
         },
         beat_schedule_filename=str(settings.beat_schedule_file),
         worker_hijack_root_logger=False,

@@ -36,6 +36,7 @@ from app.base_models.models import BaseModel
 from app.core.config import Settings
 from app.core.db import session_scope, utcnow
 from app.core.errors import Conflict
+from app.forget_requests.items import open_items
 from app.forget_requests.models import RequestStatus
 from app.jobs import lifecycle
 from app.jobs.lifecycle import ACTIVE, FINAL, transition
@@ -97,8 +98,11 @@ def read_items(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def held_forget_sets(session: Session, job: UnlearningJob, exclude_job_id: int | None) -> dict[str, list[dict]]:
-    """Items of every earlier succeeded training job of this model, from its still-completed requests."""
+def held_forget_sets(
+    session: Session, job: UnlearningJob, exclude_job_id: int | None, settings: Settings
+) -> dict[str, list[dict]]:
+    """Items of every earlier succeeded training job of this model, from its still-completed requests whose items
+    were not shredded (a shredded request's texts are gone, so later versions can no longer verify them)."""
     earlier = session.scalars(
         select(UnlearningJob).where(
             UnlearningJob.base_model_id == job.base_model_id,
@@ -107,14 +111,15 @@ def held_forget_sets(session: Session, job: UnlearningJob, exclude_job_id: int |
             UnlearningJob.id != job.id,
         )
     )
-    held = {}
+    sets = {}
     for other in earlier:
         if other.id == exclude_job_id:
             continue
-        items = [item for r in other.requests if r.status == RequestStatus.completed for item in r.items]
+        held = [r for r in other.requests if r.status == RequestStatus.completed and r.shredded_at is None]
+        items = [item for request in held for item in open_items(request, settings)]
         if items:
-            held[job_key(other.id)] = items
-    return held
+            sets[job_key(other.id)] = items
+    return sets
 
 
 def engine_settings(config: dict) -> tuple[UnlearnConfig, FusionSettings]:
@@ -149,10 +154,10 @@ def claim(session: Session, job_id: int, settings: Settings) -> JobInputs | None
         job.not_before = now + timedelta(seconds=settings.reconcile_interval_seconds)
         log.info("job %s waits: another job of its model is running", job_id)
         return None
-    return start(session, job)
+    return start(session, job, settings)
 
 
-def start(session: Session, job: UnlearningJob) -> JobInputs:
+def start(session: Session, job: UnlearningJob, settings: Settings) -> JobInputs:
     transition(session, job, JobStatus.running, ACTOR, attempt=job.attempts + 1)
     job.attempts += 1
     job.worker_hostname = socket.gethostname()
@@ -164,7 +169,7 @@ def start(session: Session, job: UnlearningJob) -> JobInputs:
     for request in forgetting:
         request.status = RequestStatus.running
     model = job.base_model
-    forget_items = [item for request in forgetting for item in request.items]
+    forget_items = [item for request in forgetting for item in open_items(request, settings)]
     forget_keys = {json.dumps(item, sort_keys=True) for item in forget_items}
     # An item being forgotten must never be used as retain text.
     retain = [i for i in read_items(model.retain_corpus) if json.dumps(i, sort_keys=True) not in forget_keys]
@@ -178,10 +183,10 @@ def start(session: Session, job: UnlearningJob) -> JobInputs:
         weights_sha256=model.weights_sha256,
         config=dict(job.config),
         forget_items=forget_items,
-        items_per_request=[(str(r.id), len(r.items)) for r in forgetting],
+        items_per_request=[(str(r.id), len(r.item_sha256s)) for r in forgetting],
         retain_items=retain,
         holdout_items=read_items(model.holdout_corpus),
-        held_sets=held_forget_sets(session, job, job.config.get("unmerge_job_id")),
+        held_sets=held_forget_sets(session, job, job.config.get("unmerge_job_id"), settings),
     )
 
 

@@ -7,7 +7,8 @@ from app.core.config import get_settings
 from app.core.db import session_scope
 from app.jobs.reconcile import reconcile
 from app.jobs.service import run_batcher
-from worker.celery_app import BATCH_PENDING, RECONCILE, RUN_JOB, celery_app
+from app.retention.service import shred_due
+from worker.celery_app import BATCH_PENDING, RECONCILE, RUN_JOB, SHRED_DUE, celery_app
 
 
 @celery_app.task(name=RUN_JOB)
@@ -29,3 +30,11 @@ def batch_pending(self) -> list[int]:
 def reconcile_jobs(self) -> dict:
     with session_scope() as session:
         return vars(reconcile(session, get_settings(), actor=f"scheduler:{self.request.hostname}"))
+
+
+@celery_app.task(name=SHRED_DUE, bind=True)
+def shred_due_requests(self) -> list[str]:
+    """Crypto-shred every request whose retention window is over (runs on the default queue)."""
+    with session_scope() as session:
+        actor = f"scheduler:{self.request.hostname}"
+        return [str(request_id) for request_id in shred_due(session, get_settings(), actor=actor)]

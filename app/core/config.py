@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -60,6 +60,18 @@ class Settings(BaseSettings):
     # Legal deadline for a deletion request (GDPR Art. 12(3): one month from receipt).
     deadline_months: int = Field(default=1, gt=0)
 
+    # Keys. Unset: generated once under data_dir/keys (embedded default only; production sets them).
+    master_key: SecretStr | None = None  # base64 of 32 bytes: wraps each request's data key (AES-256-GCM)
+    master_key_file: Path | None = None  # a file holding that base64 value
+    signing_key: SecretStr | None = None  # PEM (PKCS#8) Ed25519 private key that signs forget certificates
+    signing_key_file: Path | None = None  # a file holding that PEM
+
+    # Retention: a request's texts are crypto-shredded once it is covered by a published version re-verified by the
+    # next `retention_versions` versions, and `retention_days` have passed since it completed, whichever is later.
+    retention_versions: int = Field(default=2, ge=0)
+    retention_days: float = Field(default=30.0, ge=0)
+    shred_interval_seconds: float = Field(default=3600.0, gt=0)
+
     log_level: str = "INFO"
 
     @model_validator(mode="after")
@@ -79,6 +91,10 @@ class Settings(BaseSettings):
     @property
     def beat_schedule_file(self) -> Path:
         return self.data_dir / "celerybeat-schedule"
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.data_dir / "keys"
 
 
 @lru_cache

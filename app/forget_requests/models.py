@@ -34,7 +34,12 @@ class ForgetRequest(Base):
     api_key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id"))
     subject_request_id: Mapped[str] = mapped_column(String(200))
     base_model_id: Mapped[int] = mapped_column(ForeignKey("base_models.id"))
-    items: Mapped[list]
+    # The items only sealed (app/forget_requests/items.py); shredding drops the data key and the ciphertext.
+    item_sha256s: Mapped[list]
+    items_ciphertext: Mapped[bytes | None]
+    items_nonce: Mapped[bytes | None]
+    wrapped_key: Mapped[bytes | None]
+    shredded_at: Mapped[datetime | None]
     body_sha256: Mapped[str] = mapped_column(String(64))
     status: Mapped[str] = mapped_column(String(20), default=RequestStatus.pending)
     received_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -53,6 +53,7 @@ class ForgetRequestOut(Schema):
     failure_reason: str | None
     attempts: int
     item_metrics: list[ItemMetrics] | None
+    shredded_at: datetime | None = Field(description="When the items' data key was destroyed; hashes and metrics stay.")
 
 
 class ForgetRequestPage(Schema):

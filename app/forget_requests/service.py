@@ -14,9 +14,11 @@ from sqlalchemy.orm import Session
 from app.audit.service import record
 from app.auth.models import ApiKey
 from app.base_models.service import get_by_name
+from app.core.canonical import canonical_json
 from app.core.config import Settings
 from app.core.db import utcnow
 from app.core.errors import Conflict, InvalidInput, NotFound
+from app.forget_requests.items import seal_items
 from app.forget_requests.models import ForgetRequest, RequestStatus
 from app.forget_requests.schemas import ForgetRequestCreate, ForgetRequestOut
 
@@ -30,8 +32,7 @@ def add_calendar_months(moment: datetime, months: int) -> datetime:
 
 
 def body_digest(data: ForgetRequestCreate) -> str:
-    canonical = json.dumps(data.model_dump(exclude_none=True), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return hashlib.sha256(canonical_json(data.model_dump(exclude_none=True))).hexdigest()
 
 
 def _check_limits(data: ForgetRequestCreate, settings: Settings) -> None:
@@ -76,15 +77,16 @@ def submit(session: Session, key: ApiKey, data: ForgetRequestCreate, settings: S
     model = get_by_name(session, data.model)
     now = utcnow()
     request = ForgetRequest(
+        id=uuid.uuid4(),
         api_key_id=key.id,
         subject_request_id=data.subject_request_id,
         base_model_id=model.id,
-        items=[item.model_dump(exclude_none=True) for item in data.items],
         body_sha256=digest,
         status=RequestStatus.pending,
         received_at=now,
         due_at=add_calendar_months(now, settings.deadline_months),
     )
+    seal_items(request, [item.model_dump(exclude_none=True) for item in data.items], settings)
     session.add(request)
     try:
         session.flush()
@@ -102,7 +104,7 @@ def submit(session: Session, key: ApiKey, data: ForgetRequestCreate, settings: S
         "forget_request",
         request.id,
         model=model.name,
-        items=len(request.items),
+        items=len(request.item_sha256s),
     )
     return request, True
 
@@ -165,11 +167,12 @@ def to_out(request: ForgetRequest) -> ForgetRequestOut:
         subject_request_id=request.subject_request_id,
         model=request.base_model.name,
         status=request.status,
-        item_count=len(request.items),
+        item_count=len(request.item_sha256s),
         received_at=request.received_at,
         due_at=request.due_at,
         completed_at=request.completed_at,
         failure_reason=request.failure_reason,
         attempts=request.attempts,
         item_metrics=request.item_metrics,
+        shredded_at=request.shredded_at,
     )

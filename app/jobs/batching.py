@@ -82,7 +82,7 @@ class Policy:
         """Which rule forms a job from these pending requests (oldest first) now, if any."""
         if not pending:
             return None
-        if sum(len(r.items) for r in pending) >= self.max_items:
+        if sum(len(r.item_sha256s) for r in pending) >= self.max_items:
             return "size"
         if min(r.due_at for r in pending) - now <= self.deadline_margin:
             return "deadline"
@@ -98,10 +98,10 @@ class Policy:
         """Whole requests, oldest first, up to max_items items (at least one request)."""
         taken, items = [], 0
         for request in pending:
-            if taken and items + len(request.items) > self.max_items:
+            if taken and items + len(request.item_sha256s) > self.max_items:
                 break
             taken.append(request)
-            items += len(request.items)
+            items += len(request.item_sha256s)
         return taken
 
 
@@ -167,7 +167,7 @@ def _form_job(
     for request in requests:
         request.status = RequestStatus.batched
         record(session, actor, "forget_request.batched", "forget_request", request.id, job_id=job.id)
-    items = sum(len(r.items) for r in requests)
+    items = sum(len(r.item_sha256s) for r in requests)
     record(
         session, actor, "job.queued", "job", job.id, model=model.name, requests=len(requests), items=items,
         trigger=trigger,

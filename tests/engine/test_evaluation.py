@@ -197,7 +197,7 @@ def test_registry_reports_membership_and_perplexity_for_a_memorising_model() -> 
     retain = ev.scores("retain")
     token_weighted = math.exp(float((retain.nll * retain.tokens).sum() / retain.tokens.sum()))
     assert metrics["retain_ppl"] == pytest.approx(token_weighted)
-    assert set(ev.items("forget")[0]) == {"nll", "ma", "el", "verbatim", "repetition"}
+    assert set(ev.items("forget")[0]) == {"nll", "ma", "el", "verbatim", "repetition", "min_k"}
 
 
 def test_unknown_metric_names_are_rejected() -> None:

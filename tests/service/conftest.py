@@ -18,6 +18,8 @@ import pytest
 import redis
 from sqlalchemy.engine import make_url
 
+from tests.service.processes import free_port, start, start_worker, stop, wait_until
+
 ADMIN_URL = os.environ.get("UNLEARND_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("UNLEARND_TEST_REDIS_URL", "redis://127.0.0.1:6379/11")
 DB_NAME = f"unlearnd_test_{uuid.uuid4().hex[:10]}"
@@ -111,7 +113,9 @@ def auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-def register_demo_model(http: httpx.Client, demo, headers: dict[str, str] | None = None) -> str:
+def register_demo_model(
+    http: httpx.Client, demo, headers: dict[str, str] | None = None, engine_config: dict | None = None
+) -> str:
     """Register a demo model over the API (in-process TestClient or a live server) under a unique name."""
     name = f"tiny-{uuid.uuid4().hex[:6]}"
     response = http.post(
@@ -122,6 +126,7 @@ def register_demo_model(http: httpx.Client, demo, headers: dict[str, str] | None
             "path": str(demo.model_dir),
             "retain_corpus": str(demo.retain_corpus),
             "holdout_corpus": str(demo.holdout_corpus),
+            "engine_config": engine_config or {},
         },
     )
     assert response.status_code == 201, response.text
@@ -131,3 +136,33 @@ def register_demo_model(http: httpx.Client, demo, headers: dict[str, str] | None
 @pytest.fixture(scope="session")
 def registered_model(client, admin_key, tiny_demo_model) -> str:
     return register_demo_model(client, tiny_demo_model, auth(admin_key))
+
+
+API_LOG = DATA_DIR / "api.log"
+WORKER_LOG = DATA_DIR / "worker-e2e.log"
+
+
+@pytest.fixture(scope="module")
+def live_api(database):
+    """The API under uvicorn in a subprocess, logging to API_LOG; yields its base URL."""
+    port = free_port()
+    process = start(["serve", "--port", str(port)], API_LOG)
+    base = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        try:
+            return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(healthy, 60, "the API")
+    yield base
+    stop(process)
+
+
+@pytest.fixture(scope="module")
+def worker_process(database):
+    """A Celery worker subprocess on every queue, logging to WORKER_LOG."""
+    process = start_worker(WORKER_LOG, f"e2e-{uuid.uuid4().hex[:6]}")
+    yield process
+    stop(process)

@@ -19,7 +19,7 @@ def pending(items: int, received: datetime, due: datetime | None = None):
     from app.forget_requests.models import ForgetRequest
 
     return ForgetRequest(
-        items=[{"text": f"item {i}"} for i in range(items)],
+        item_sha256s=[f"{i:064x}" for i in range(items)],
         received_at=received,
         due_at=due or received + timedelta(days=30),
     )
@@ -182,7 +182,7 @@ def test_two_sqlite_batchers_serialise_on_the_writer_lock(tmp_path, settings):
         session.flush()
         for _ in range(3):
             session.add(ForgetRequest(api_key_id=key.id, subject_request_id=uuid.uuid4().hex, base_model_id=model.id,
-                                      items=[{"text": "x"}], body_sha256="0" * 64, due_at=NOW))  # fmt: skip
+                                      item_sha256s=["0" * 64], body_sha256="0" * 64, due_at=NOW))  # fmt: skip
         session.commit()
 
     second_result: list = []

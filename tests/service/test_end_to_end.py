@@ -11,33 +11,9 @@ import httpx
 import pytest
 
 from tests.service.conftest import DATA_DIR, auth, register_demo_model
-from tests.service.processes import candidates, free_port, start, start_worker, stop, wait_for_job, wait_until
+from tests.service.processes import candidates, wait_for_job
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def live_api(database):
-    port = free_port()
-    process = start(["serve", "--port", str(port)], DATA_DIR / "api.log")
-    base = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        try:
-            return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_until(healthy, 60, "the API")
-    yield base
-    stop(process)
-
-
-@pytest.fixture(scope="module")
-def worker_process(database):
-    process = start_worker(DATA_DIR / "worker-e2e.log", f"e2e-{uuid.uuid4().hex[:6]}")
-    yield process
-    stop(process)
 
 
 def forget_and_wait(api: httpx.Client, name: str, items: list[dict]) -> tuple[str, dict]:

@@ -44,21 +44,24 @@ def job_row(model_name: str, forget: list[dict], status: str) -> tuple[int, str]
     """A job with one request for `forget`, in PostgreSQL; returns (job id, request id)."""
     from app.auth.models import ApiKey
     from app.base_models.service import get_by_name
+    from app.core.config import get_settings
     from app.core.db import session_scope
+    from app.forget_requests.items import seal_items
     from app.forget_requests.models import ForgetRequest
     from app.jobs.models import UnlearningJob
 
     with session_scope() as session:
         model = get_by_name(session, model_name)
         request = ForgetRequest(
+            id=uuid.uuid4(),
             api_key_id=session.scalars(select(ApiKey.id)).first(),
             subject_request_id=f"dsr-{uuid.uuid4().hex}",
             base_model_id=model.id,
-            items=forget,
             body_sha256="0" * 64,
             status="running",
             due_at=model.created_at,
         )
+        seal_items(request, forget, get_settings())
         job = UnlearningJob(base_model_id=model.id, method="ihl", config={}, status=status, requests=[request])
         session.add(job)
         session.commit()

@@ -256,7 +256,8 @@ class Evaluation:
         self.extraction = cache(lambda name: extraction(model, sets[name], el_n, generation_batch_size))
 
     def items(self, name: str) -> list[dict[str, float]]:
-        """Per item of the set: nll, ma, el, verbatim and repetition."""
+        """Per item of the set: nll, ma, el, verbatim, repetition and min_k (the item's Min-K% Prob membership
+        score)."""
         s = self.scores(name)
         columns = {
             "nll": s.nll,
@@ -264,6 +265,7 @@ class Evaluation:
             "el": self.extraction(name).el,
             "verbatim": s.verbatim,
             "repetition": self.extraction(name).repetition,
+            "min_k": s.min_k,
         }
         return [dict(zip(columns, map(float, values), strict=True)) for values in zip(*columns.values(), strict=True)]
 

@@ -83,7 +83,7 @@ class Verification:
     retain_ppl: float
     retain_ppl_limit: float  # the tolerance times the original base's retain perplexity
     sets: dict[str, dict[str, float]]  # per held forget set (by job key): forget_ma, forget_el, verbatim, passed (0/1)
-    items: dict[str, list[dict[str, float]]]  # per held forget set: per item nll, ma, el, verbatim, repetition
+    items: dict[str, list[dict[str, float]]]  # per held forget set: per item nll, ma, el, verbatim, repetition, min_k
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

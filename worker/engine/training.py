@@ -140,7 +140,7 @@ class UnlearnResult:
     steps: int
     curve: list[dict[str, float]]  # per evaluation: step, seconds, loss and CURVE_METRICS
     target: dict[str, float]  # the holdout means forget_ma and forget_el must fall to
-    items_before: list[dict[str, float]]  # per forget item: nll, ma, el, verbatim, repetition
+    items_before: list[dict[str, float]]  # per forget item: nll, ma, el, verbatim, repetition, min_k
     items_after: list[dict[str, float]]
     metrics_before: dict[str, float]  # REPORT_METRICS (and general_ppl when the retain items include text)
     metrics_after: dict[str, float]

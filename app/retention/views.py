@@ -1,0 +1,24 @@
+from __future__ import annotations
+
+import uuid
+
+from fastapi import APIRouter
+
+from app.core.deps import AdminKey, SessionDep, SettingsDep
+from app.forget_requests.schemas import ForgetRequestOut
+from app.forget_requests.service import get as get_request
+from app.forget_requests.service import to_out
+from app.retention import service
+
+router = APIRouter(tags=["retention"])
+
+
+@router.post("/forget-requests/{request_id}/shred", responses={409: {"description": "Not finished yet."}})
+def shred_forget_request(
+    request_id: uuid.UUID, key: AdminKey, session: SessionDep, settings: SettingsDep
+) -> ForgetRequestOut:
+    """Crypto-shred a finished request's items now instead of at the end of its retention window (audited): its
+    texts become unrecoverable; hashes, metrics and the certificate remain."""
+    request = service.shred(session, get_request(session, request_id), settings, key.actor, reason="admin")
+    session.commit()
+    return to_out(request)

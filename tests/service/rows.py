@@ -1,0 +1,100 @@
+"""Database rows of finished work, for tests of what follows a job (certificates, retention) without training one."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+from sqlalchemy import select
+
+ADAPTER_SHA256 = "ab" * 32
+
+
+def item_metrics(count: int) -> list[dict]:
+    before = {"nll": 0.2, "ma": 0.95, "el": 0.9, "verbatim": 1.0, "repetition": 0.0, "min_k": -0.3}
+    after = {"nll": 4.0, "ma": 0.1, "el": 0.02, "verbatim": 0.0, "repetition": 0.1, "min_k": -6.5}
+    return [{"before": before, "after": after} for _ in range(count)]
+
+
+def version_metrics(key: str, passed: bool, with_job: bool) -> dict:
+    metrics = {
+        "verification": {
+            "passed": passed,
+            "retain_ppl_limit": 3.0,
+            "sets": {key: {"forget_ma": 0.1, "forget_el": 0.02, "verbatim": 0.0, "passed": float(passed)}},
+        },
+        "retain_ppl_tolerance": 1.5,
+    }
+    if with_job:
+        metrics["job"] = {
+            "target": {"forget_ma": 0.2, "forget_el": 0.05},
+            "before": {"mia_auc_loss": 0.9, "mia_auc_min_k": 0.95},
+            "after": {"mia_auc_loss": 0.5, "mia_auc_min_k": 0.52},
+        }
+    return metrics
+
+
+def finished_request(
+    model_name: str,
+    items: list[dict],
+    status: str = "completed",
+    reverified: tuple[bool, ...] = (),
+    completed_days_ago: float = 0.0,
+) -> tuple[str, int]:
+    """A request in `status`. When completed, its succeeded job published the model's next version, and one later
+    version per entry of `reverified` fused that job and passed (True) or failed (False) its forget set.
+    Returns (request id, job id)."""
+    from app.adapters.models import AdapterVersion
+    from app.adapters.service import latest_version
+    from app.auth.models import ApiKey
+    from app.base_models.service import get_by_name
+    from app.core.config import get_settings
+    from app.core.db import session_scope, utcnow
+    from app.forget_requests.items import seal_items
+    from app.forget_requests.models import ForgetRequest
+    from app.jobs.models import UnlearningJob, job_key
+
+    with session_scope() as session:
+        model = get_by_name(session, model_name)
+        completed_at = utcnow() - timedelta(days=completed_days_ago)
+        request = ForgetRequest(
+            id=uuid.uuid4(),
+            api_key_id=session.scalars(select(ApiKey.id)).first(),
+            subject_request_id=f"dsr-{uuid.uuid4().hex}",
+            base_model_id=model.id,
+            body_sha256="0" * 64,
+            status=status,
+            received_at=completed_at - timedelta(hours=1),
+            due_at=completed_at + timedelta(days=30),
+            completed_at=completed_at if status == "completed" else None,
+            item_metrics=item_metrics(len(items)) if status == "completed" else None,
+        )
+        seal_items(request, items, get_settings())
+        job_status = "succeeded" if status == "completed" else "failed"
+        job = UnlearningJob(base_model_id=model.id, method="ihl", config={}, status=job_status, requests=[request])
+        session.add(job)
+        session.flush()
+        if status == "completed":
+            key, version = job_key(job.id), (latest_version(session, model) or 0)
+            for index, passed in enumerate((True, *reverified)):
+                # every later version is published by a job of its own that fuses this one
+                publisher = (
+                    job if index == 0 else UnlearningJob(base_model_id=model.id, method="ihl", status="succeeded")
+                )
+                session.add(publisher)
+                session.flush()
+                version += 1
+                manifest = {
+                    "jobs": [key, job_key(publisher.id)] if index else [key],
+                    "base_model": {"path": model.path, "weights_sha256": model.weights_sha256},
+                    "files": {"adapter_model.safetensors": {"sha256": ADAPTER_SHA256, "size": 1}},
+                }
+                session.add(
+                    AdapterVersion(
+                        base_model_id=model.id, version=version, parent_version=version - 1 or None,
+                        job_id=publisher.id, artifact_uri=f"file:///{model.name}/{version}", manifest=manifest,
+                        metrics=version_metrics(key, passed, with_job=index == 0), created_at=completed_at,
+                    )
+                )  # fmt: skip
+        session.commit()
+        return str(request.id), job.id
