@@ -11,6 +11,8 @@ GPU_QUEUE = "gpu"
 DEFAULT_QUEUE = "default"
 RUN_JOB = "unlearnd.run_job"
 BATCH_PENDING = "unlearnd.batch_pending"
+DELIVER_CALLBACK = "unlearnd.deliver_callback"
+REDELIVER_CALLBACKS = "unlearnd.redeliver_callbacks"
 
 
 def _transport_options(settings: Settings) -> dict:
@@ -45,6 +47,7 @@ def make_celery(settings: Settings) -> Celery:
         accept_content=["json"],
         beat_schedule={
             "batch-pending-requests": {"task": BATCH_PENDING, "schedule": settings.batch_interval_seconds},
+            "redeliver-callbacks": {"task": REDELIVER_CALLBACKS, "schedule": settings.callback_sweep_interval_seconds},
         },
         beat_schedule_filename=str(settings.beat_schedule_file),
         worker_hijack_root_logger=False,
@@ -57,6 +60,11 @@ celery_app = make_celery(get_settings())
 
 def enqueue_job(job_id: int) -> None:
     celery_app.send_task(RUN_JOB, args=[job_id], queue=GPU_QUEUE)
+
+
+def enqueue_callback(delivery_id: int) -> None:
+    # No publish retries: the caller is an API request, and the beat sweep re-sends what could not be sent.
+    celery_app.send_task(DELIVER_CALLBACK, args=[delivery_id], queue=DEFAULT_QUEUE, retry=False)
 
 
 def broker_reachable(timeout: float = 2.0) -> bool:

@@ -2,15 +2,17 @@ from __future__ import annotations
 
 import logging
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, select, true
 from sqlalchemy.orm import Session
 
 from app.adapters.models import AdapterVersion
 from app.audit.service import record
+from app.auth.models import ApiKey
 from app.base_models.models import BaseModel
 from app.core.config import Settings
 from app.core.errors import Conflict, InvalidInput, NotFound
 from app.forget_requests.models import ForgetRequest, RequestStatus
+from app.forget_requests.service import can_see
 from app.jobs.models import UNMERGE, JobStatus, UnlearningJob, job_key
 from app.jobs.schemas import JobOut
 from worker.celery_app import enqueue_job
@@ -108,17 +110,22 @@ def create_unmerge(session: Session, model: BaseModel, job_id: int, settings: Se
     return job
 
 
-def get(session: Session, job_id: int) -> UnlearningJob:
-    job = session.get(UnlearningJob, job_id)
+def visible_to(key: ApiKey) -> ColumnElement[bool]:
+    """A job is visible to a tenant that has a request in it; `admin` sees every job."""
+    return true() if key.is_admin else UnlearningJob.requests.any(ForgetRequest.tenant == key.tenant)
+
+
+def get(session: Session, job_id: int, key: ApiKey) -> UnlearningJob:
+    job = session.scalar(select(UnlearningJob).where(UnlearningJob.id == job_id, visible_to(key)))
     if job is None:
         raise NotFound(f"no job with id {job_id}")
     return job
 
 
 def list_jobs(
-    session: Session, status: str | None, model: BaseModel | None, cursor: str | None, limit: int
+    session: Session, key: ApiKey, status: str | None, model: BaseModel | None, cursor: str | None, limit: int
 ) -> tuple[list[UnlearningJob], str | None]:
-    query = select(UnlearningJob)
+    query = select(UnlearningJob).where(visible_to(key))
     if status is not None:
         query = query.where(UnlearningJob.status == status)
     if model is not None:
@@ -132,7 +139,8 @@ def list_jobs(
     return page, str(page[-1].id) if len(rows) > limit else None
 
 
-def to_out(job: UnlearningJob) -> JobOut:
+def to_out(job: UnlearningJob, key: ApiKey) -> JobOut:
+    """The job as `key` may see it: other tenants' requests in the same batch are left out."""
     return JobOut(
         id=job.id,
         model=job.base_model.name,
@@ -148,5 +156,5 @@ def to_out(job: UnlearningJob) -> JobOut:
         finished_at=job.finished_at,
         error=job.error,
         evaluation=job.evaluation,
-        request_ids=[r.id for r in job.requests],
+        request_ids=[r.id for r in job.requests if can_see(key, r)],
     )

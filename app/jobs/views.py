@@ -15,7 +15,7 @@ router = APIRouter(tags=["jobs"])
 @router.get("/jobs/{job_id}")
 def get_job(job_id: int, key: ReaderKey, session: SessionDep) -> JobOut:
     """A job with its progress (step, total, phase, latest metrics), for dashboards that poll."""
-    return service.to_out(service.get(session, job_id))
+    return service.to_out(service.get(session, job_id, key), key)
 
 
 @router.get("/jobs")
@@ -29,15 +29,15 @@ def list_jobs(
     limit: Annotated[int, Query(ge=1)] = 50,
 ) -> JobPage:
     base_model = get_by_name(session, model) if model else None
-    page, next_cursor = service.list_jobs(session, status, base_model, cursor, min(limit, settings.max_page_size))
-    return JobPage(items=[service.to_out(j) for j in page], next_cursor=next_cursor)
+    page, next_cursor = service.list_jobs(session, key, status, base_model, cursor, min(limit, settings.max_page_size))
+    return JobPage(items=[service.to_out(j, key) for j in page], next_cursor=next_cursor)
 
 
 @router.post("/admin/batches", status_code=201)
 def batch_now(key: AdminKey, session: SessionDep, settings: SettingsDep) -> BatchResult:
     """Batch every pending request into jobs now (one per model) instead of waiting for the scheduler."""
     jobs = service.run_batcher(session, settings, key.actor)
-    return BatchResult(jobs=[service.to_out(j) for j in jobs])
+    return BatchResult(jobs=[service.to_out(j, key) for j in jobs])
 
 
 @router.post("/models/{name}/unmerge", status_code=202)
@@ -47,4 +47,4 @@ def unmerge_job(name: str, body: UnmergeCreate, key: AdminKey, session: SessionD
     job = service.create_unmerge(session, get_by_name(session, name), body.job_id, settings, key.actor)
     session.commit()
     service.enqueue([job.id])
-    return service.to_out(job)
+    return service.to_out(job, key)
