@@ -62,9 +62,15 @@ def enqueue_job(job_id: int) -> None:
     celery_app.send_task(RUN_JOB, args=[job_id], queue=GPU_QUEUE)
 
 
-def enqueue_callback(delivery_id: int) -> None:
-    # No publish retries: the caller is an API request, and the beat sweep re-sends what could not be sent.
-    celery_app.send_task(DELIVER_CALLBACK, args=[delivery_id], queue=DEFAULT_QUEUE, retry=False)
+def enqueue_callbacks(delivery_ids: list[int]) -> None:
+    # Fail fast when the broker is down (no reconnect loop, no publish retries): the caller may be an API request,
+    # and the beat sweep re-sends whatever could not be sent.
+    options = {**celery_app.conf.broker_transport_options, "max_retries": 0}
+    with celery_app.connection_for_write(transport_options=options) as connection:
+        for delivery_id in delivery_ids:
+            celery_app.send_task(
+                DELIVER_CALLBACK, args=[delivery_id], queue=DEFAULT_QUEUE, retry=False, connection=connection
+            )
 
 
 def broker_reachable(timeout: float = 2.0) -> bool:

@@ -63,7 +63,6 @@ def claim(session: Session, delivery_id: int, settings: Settings) -> bool:
         )
         .values(next_attempt_at=lease, attempts=CallbackDelivery.attempts + 1)
     )
-    session.commit()
     return claimed.rowcount == 1
 
 
@@ -92,7 +91,9 @@ def post(url: str, body: bytes, settings: Settings) -> str | None:
 def deliver(delivery_id: int, settings: Settings) -> float | None:
     """One attempt; returns the seconds until the next one, or None when delivered, given up or not due."""
     with session_scope() as session:
-        if not claim(session, delivery_id, settings):
+        claimed = claim(session, delivery_id, settings)
+        session.commit()  # the claim must hold before the POST goes out
+        if not claimed:
             return None
         delivery = session.get(CallbackDelivery, delivery_id)
         url, body = delivery.url, payload(delivery)

@@ -18,7 +18,7 @@ from app.callbacks.models import CallbackDelivery
 from app.core.config import Settings
 from app.core.db import utcnow
 from app.forget_requests.models import ForgetRequest
-from worker.celery_app import enqueue_callback
+from worker.celery_app import enqueue_callbacks
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +62,12 @@ event.listen(Session, "after_rollback", drop_after_rollback)
 
 def dispatch(delivery_ids: list[int]) -> None:
     """Send delivery ids to the default queue; never raises, since the rows are the source of truth."""
-    for delivery_id in delivery_ids:
-        try:
-            enqueue_callback(delivery_id)
-        except Exception:  # broker down: the beat sweep sends it once the broker is back
-            log.exception("could not enqueue callback delivery %s; the sweep will resend it", delivery_id)
+    if not delivery_ids:
+        return
+    try:
+        enqueue_callbacks(delivery_ids)
+    except Exception:  # broker down: the beat sweep sends them once the broker is back
+        log.exception("could not enqueue callback deliveries %s; the sweep will resend them", delivery_ids)
 
 
 def overdue_deliveries(session: Session, settings: Settings) -> list[int]:

@@ -259,3 +259,16 @@ def test_the_in_process_bucket_allows_the_burst_then_asks_to_wait():
     assert [bucket.take("k", rate=1.0, burst=2) for _ in range(2)] == [0.0, 0.0]
     assert 0 < bucket.take("k", rate=1.0, burst=2) <= 1.0
     assert bucket.take("other", rate=1.0, burst=2) == 0.0
+
+
+def test_registering_a_model_is_audited_with_the_admin_key(client, tiny_demo_model, session):
+    from app.audit.models import AuditEvent
+    from tests.service.conftest import register_demo_model
+
+    admin = make_key(["admin"], "auditor")
+    name = register_demo_model(client, tiny_demo_model, auth(admin))
+    event = session.scalar(
+        select(AuditEvent).where(AuditEvent.action == "base_model.registered").order_by(AuditEvent.id.desc())
+    )
+    assert event.data["name"] == name
+    assert event.actor == key_row(session, admin).actor
