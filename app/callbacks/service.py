@@ -28,6 +28,7 @@ SWEEP_BATCH = 1000
 
 
 def record_status_changes(session: Session, _context: UOWTransaction, _instances: object) -> None:
+    """before_flush: a delivery per callback URL for each new request and each request whose status changed."""
     now = utcnow()
     for request in [*session.new, *session.dirty]:
         if not isinstance(request, ForgetRequest):

@@ -20,9 +20,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 @dataclass(frozen=True)
 class CallbackTarget:
-    scheme: str
     host: str
-    port: int
     address: IPAddress  # the checked address the delivery connects to
 
 
@@ -83,7 +81,7 @@ def check_callback_url(url: str, settings: Settings, field: str = "status_callba
     if refused or not addresses:
         message = f"callback host '{host}' resolves to an address that is not public"
         raise refuse(message, "address_not_allowed", host=host, addresses=refused)
-    return CallbackTarget(parts.scheme, host, port, addresses[0])
+    return CallbackTarget(host, addresses[0])
 
 
 def check_callback_urls(urls: list[str], settings: Settings) -> None:
