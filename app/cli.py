@@ -17,7 +17,7 @@ from app.core.config import get_settings
 cli = typer.Typer(
     help="unlearnd: make a language model forget data on request.", no_args_is_help=True, pretty_exceptions_enable=False
 )
-keys = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
+keys = typer.Typer(help="Create, list, rotate and revoke API keys.", no_args_is_help=True)
 cli.add_typer(keys, name="keys")
 
 DEMO_MODEL_NAME = "demo"
@@ -145,30 +145,65 @@ def verify_certificate(
 def keys_create(
     name: Annotated[str, typer.Option(help="Who the key is for.")],
     scope: Annotated[list[str], typer.Option(help="requests:write, requests:read or admin (repeatable).")],
+    tenant: Annotated[str, typer.Option(help="The tenant whose requests and jobs the key sees.")] = "default",
+    expires_in_days: Annotated[float | None, typer.Option(help="Lifetime; the key never expires if unset.")] = None,
 ) -> None:
     """Create a key and print it once: only its hash is stored."""
+    from datetime import timedelta
+
     from app.auth.service import create_key
     from app.core.db import session_scope
 
+    lifetime = timedelta(days=expires_in_days) if expires_in_days is not None else None
     with session_scope() as session:
-        key, secret = create_key(session, name, scope)
+        key, secret = create_key(session, name, scope, tenant=tenant, expires_in=lifetime)
         session.commit()
-        typer.echo(f"id={key.id} name={key.name} scopes={','.join(key.scopes)}")
+        typer.echo(_describe(key))
         typer.echo(secret)
+
+
+def _describe(key) -> str:
+    from app.auth.service import key_state
+
+    expires = key.expires_at.isoformat(timespec="seconds") if key.expires_at else "never"
+    return (
+        f"id={key.id} name={key.name} tenant={key.tenant} scopes={','.join(key.scopes)} expires={expires} "
+        f"state={key_state(key)}"
+    )
 
 
 @keys.command("list")
 def keys_list() -> None:
     """List keys (never their secrets)."""
-    from sqlalchemy import select
-
-    from app.auth.models import ApiKey
+    from app.auth.service import list_keys
     from app.core.db import session_scope
 
     with session_scope() as session:
-        for key in session.scalars(select(ApiKey).order_by(ApiKey.id)):
-            state = "revoked" if key.revoked_at else "active"
-            typer.echo(f"{key.id}\t{key.prefix}…\t{key.name}\t{','.join(key.scopes)}\t{state}")
+        for key in list_keys(session):
+            typer.echo(f"{key.prefix}…\t{_describe(key)}")
+
+
+@keys.command("rotate")
+def keys_rotate(
+    key_id: int,
+    grace_hours: Annotated[
+        float | None,
+        typer.Option(help="How long the old key keeps working (default: UNLEARND_KEY_ROTATION_GRACE_HOURS)."),
+    ] = None,
+) -> None:
+    """Create a replacement key (same name, tenant, scopes and lifetime), print it once, and let the old one expire
+    after a grace period."""
+    from datetime import timedelta
+
+    from app.auth.service import rotate_key
+    from app.core.db import session_scope
+
+    hours = get_settings().key_rotation_grace_hours if grace_hours is None else grace_hours
+    with session_scope() as session:
+        new, secret = rotate_key(session, key_id, timedelta(hours=hours))
+        session.commit()
+        typer.echo(_describe(new))
+        typer.echo(secret)
 
 
 @keys.command("revoke")

@@ -4,6 +4,7 @@ from app.adapters.models import AdapterVersion
 from app.audit.models import AuditEvent
 from app.auth.models import ApiKey
 from app.base_models.models import BaseModel
+from app.callbacks.models import CallbackDelivery
 from app.core.db import Base
 from app.forget_requests.models import ForgetRequest
 from app.jobs.models import UnlearningJob, job_requests
@@ -14,6 +15,7 @@ __all__ = [
     "AuditEvent",
     "Base",
     "BaseModel",
+    "CallbackDelivery",
     "ForgetRequest",
     "UnlearningJob",
     "job_requests",

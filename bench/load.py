@@ -444,6 +444,9 @@ def measure(workers: int, args: argparse.Namespace, demo: DemoModel, work_dir: P
             "UNLEARND_DATABASE_URL": database_url,
             "UNLEARND_BROKER_URL": args.broker_url,
             "UNLEARND_DATA_DIR": str(data_dir),
+            # the bench measures the API, not the per-key rate limit: one key sends everything
+            "UNLEARND_RATE_LIMIT_PER_MINUTE": "1e9",
+            "UNLEARND_RATE_LIMIT_BURST": "1000000",
         }
         with api_server(workers, args.port, env, work_dir, log) as server:
             jobs = queued_jobs(server.base_url, admin_key, demo, args.jobs)

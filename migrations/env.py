@@ -27,6 +27,10 @@ def run_migrations_offline() -> None:
 def run_migrations_online() -> None:
     engine = make_engine(config.get_main_option("sqlalchemy.url"))
     with engine.connect() as connection:
+        if connection.dialect.name == "sqlite":
+            # Batch mode rebuilds a table by dropping it; with foreign keys on, that cascades into its children.
+            connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            connection.commit()
         # render_as_batch: SQLite can only ALTER a table by copying it; batch mode does that for us.
         context.configure(
             connection=connection, target_metadata=target_metadata, render_as_batch=True, compare_type=True

@@ -21,6 +21,8 @@ RUN_JOB = "unlearnd.run_job"
 BATCH_PENDING = "unlearnd.batch_pending"
 RECONCILE = "unlearnd.reconcile"
 SHRED_DUE = "unlearnd.shred_due"
+DELIVER_CALLBACK = "unlearnd.deliver_callback"
+REDELIVER_CALLBACKS = "unlearnd.redeliver_callbacks"
 
 
 def _transport_options(settings: Settings) -> dict:
@@ -68,6 +70,7 @@ def make_celery(settings: Settings) -> Celery:
             "batch-pending-requests": {"task": BATCH_PENDING, "schedule": batch_schedule},
             "reconcile-jobs": {"task": RECONCILE, "schedule": settings.reconcile_interval_seconds},
             "shred-due-requests": {"task": SHRED_DUE, "schedule": settings.shred_interval_seconds},
+            "redeliver-callbacks": {"task": REDELIVER_CALLBACKS, "schedule": settings.callback_sweep_interval_seconds},
         },
         beat_schedule_filename=str(settings.beat_schedule_file),
         worker_hijack_root_logger=False,
@@ -125,6 +128,17 @@ def broker_job_ids(settings: Settings, held_within_seconds: float) -> set[int] |
     else:
         return None
     return {job_id for message in messages if (job_id := _job_id(message)) is not None}
+
+
+def enqueue_callbacks(delivery_ids: list[int]) -> None:
+    # Fail fast when the broker is down (no reconnect loop, no publish retries): the caller may be an API request,
+    # and the beat sweep re-sends whatever could not be sent.
+    options = {**celery_app.conf.broker_transport_options, "max_retries": 0}
+    with celery_app.connection_for_write(transport_options=options) as connection:
+        for delivery_id in delivery_ids:
+            celery_app.send_task(
+                DELIVER_CALLBACK, args=[delivery_id], queue=DEFAULT_QUEUE, retry=False, connection=connection
+            )
 
 
 def broker_reachable(timeout: float = 2.0) -> bool:

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+from celery import Task
+
 import app.models  # noqa: F401  (maps every table, so foreign keys resolve in a worker process)
+from app.callbacks.delivery import deliver
+from app.callbacks.service import dispatch, overdue_deliveries
 from app.core.config import get_settings
 from app.core.db import session_scope
 from app.jobs.reconcile import reconcile
 from app.jobs.service import run_batcher
 from app.retention.service import shred_due
-from worker.celery_app import BATCH_PENDING, RECONCILE, RUN_JOB, SHRED_DUE, celery_app
+from worker.celery_app import (
+    BATCH_PENDING,
+    DELIVER_CALLBACK,
+    RECONCILE,
+    REDELIVER_CALLBACKS,
+    RUN_JOB,
+    SHRED_DUE,
+    celery_app,
+)
 
 
 @celery_app.task(name=RUN_JOB)
@@ -38,3 +50,19 @@ def shred_due_requests(self) -> list[str]:
     with session_scope() as session:
         actor = f"scheduler:{self.request.hostname}"
         return [str(request_id) for request_id in shred_due(session, get_settings(), actor=actor)]
+
+
+# The row counts attempts and gives up after callback_max_attempts, so Celery's own retry count is unbounded.
+@celery_app.task(name=DELIVER_CALLBACK, bind=True, max_retries=None)
+def deliver_callback(self: Task, delivery_id: int) -> None:
+    delay = deliver(delivery_id, get_settings())
+    if delay is not None:
+        raise self.retry(countdown=delay)
+
+
+@celery_app.task(name=REDELIVER_CALLBACKS)
+def redeliver_callbacks() -> list[int]:
+    with session_scope() as session:
+        overdue = overdue_deliveries(session, get_settings())
+    dispatch(overdue)
+    return overdue

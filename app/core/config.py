@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -72,7 +73,30 @@ class Settings(BaseSettings):
     retention_days: float = Field(default=30.0, ge=0)
     shred_interval_seconds: float = Field(default=3600.0, gt=0)
 
+    # Access control: per-key token bucket (Redis when the broker is Redis, else per process), key rotation.
+    rate_limit_per_minute: float = Field(default=600.0, gt=0)
+    rate_limit_burst: int = Field(default=100, gt=0)
+    key_rotation_grace_hours: float = Field(default=24.0, ge=0)
+
+    # Status callbacks: signed POSTs to allowlisted hosts only; non-public addresses need an explicit allowance.
+    callback_secret: str = ""  # HMAC-SHA256 key for X-Unlearnd-Signature; callbacks are refused while unset
+    callback_allowed_hosts: list[str] = Field(default_factory=list)  # host names, "*.example.com" or "*"
+    callback_allowed_networks: list[str] = Field(default_factory=list)  # IPs/CIDRs allowed although not public
+    callback_allow_private: bool = False  # allow every private, loopback, link-local... address
+    callback_timeout_seconds: float = Field(default=10.0, gt=0)
+    callback_max_attempts: int = Field(default=10, gt=0)
+    callback_retry_base_seconds: float = Field(default=30.0, gt=0)  # doubled after each failed attempt
+    callback_retry_max_seconds: float = Field(default=3600.0, gt=0)
+    callback_sweep_interval_seconds: float = Field(default=60.0, gt=0)  # re-sends due deliveries a lost message left
+
     log_level: str = "INFO"
+
+    @field_validator("callback_allowed_networks")
+    @classmethod
+    def _valid_networks(cls, networks: list[str]) -> list[str]:
+        for network in networks:
+            ipaddress.ip_network(network, strict=False)  # a typo fails at startup, not at the first callback
+        return networks
 
     @model_validator(mode="after")
     def _embedded_defaults(self) -> Settings:

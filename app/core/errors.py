@@ -44,6 +44,14 @@ class Forbidden(DomainError):
     code = "forbidden"
 
 
+class RateLimited(DomainError):
+    status_code = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after: int, details: Any = None) -> None:
+        super().__init__(message, details, headers={"Retry-After": str(retry_after)})
+
+
 class PayloadTooLarge(DomainError):
     status_code = 413
     code = "payload_too_large"

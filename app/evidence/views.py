@@ -18,7 +18,7 @@ def get_forget_certificate(
 ) -> SignedCertificate:
     """A signed forget certificate: item hashes, before/after metrics, the versions that cover the request, the
     thresholds used. Check it offline with `unlearnd verify-certificate`."""
-    return service.certificate(session, get_request(session, request_id), settings)
+    return service.certificate(session, get_request(session, request_id, key), settings)
 
 
 @router.get("/keys/certificate-signing")

@@ -7,6 +7,7 @@ from datetime import datetime
 from sqlalchemy import ForeignKey, Index, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
+from app.auth.models import DEFAULT_TENANT
 from app.base_models.models import BaseModel
 from app.core.db import Base, utcnow
 
@@ -25,13 +26,16 @@ class ForgetRequest(Base):
 
     __tablename__ = "forget_requests"
     __table_args__ = (
-        UniqueConstraint("api_key_id", "subject_request_id", name="uq_forget_requests_key_subject"),
+        # Idempotency per tenant, so a rotated key replays what its predecessor submitted.
+        UniqueConstraint("tenant", "subject_request_id", name="uq_forget_requests_tenant_subject"),
         Index("ix_forget_requests_status_model", "status", "base_model_id"),
         Index("ix_forget_requests_received", "received_at", "id"),
+        Index("ix_forget_requests_tenant_received", "tenant", "received_at", "id"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
     api_key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id"))
+    tenant: Mapped[str] = mapped_column(String(100), default=DEFAULT_TENANT, server_default=DEFAULT_TENANT)
     subject_request_id: Mapped[str] = mapped_column(String(200))
     base_model_id: Mapped[int] = mapped_column(ForeignKey("base_models.id"))
     # The items only sealed (app/forget_requests/items.py); shredding drops the data key and the ciphertext.
@@ -48,5 +52,6 @@ class ForgetRequest(Base):
     failure_reason: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(default=0)
     item_metrics: Mapped[list | None]
+    status_callback_urls: Mapped[list] = mapped_column(default=list, server_default="[]")
 
     base_model: Mapped[BaseModel] = relationship(lazy="joined")

@@ -4,11 +4,12 @@ import uuid
 from datetime import datetime
 from typing import Annotated
 
-from pydantic import Field, model_validator
+from pydantic import Field, HttpUrl, model_validator
 
 from app.core.schemas import Schema
 
 NonBlank = Annotated[str, Field(min_length=1)]
+MAX_CALLBACK_URLS = 5
 
 
 class ForgetItem(Schema):
@@ -33,6 +34,11 @@ class ForgetRequestCreate(Schema):
     subject_request_id: str = Field(min_length=1, max_length=200, description="The client's idempotency key.")
     model: str = Field(min_length=1, max_length=100, description="Name of the registered base model.")
     items: list[ForgetItem] = Field(min_length=1)
+    status_callback_urls: list[HttpUrl] | None = Field(
+        default=None,
+        max_length=MAX_CALLBACK_URLS,
+        description="Each status change is POSTed here, signed (X-Unlearnd-Signature); hosts must be allowlisted.",
+    )
 
 
 class ItemMetrics(Schema):
@@ -54,6 +60,7 @@ class ForgetRequestOut(Schema):
     attempts: int
     item_metrics: list[ItemMetrics] | None
     shredded_at: datetime | None = Field(description="When the items' data key was destroyed; hashes and metrics stay.")
+    status_callback_urls: list[str]
 
 
 class ForgetRequestPage(Schema):

@@ -7,13 +7,14 @@ import json
 import uuid
 from datetime import datetime
 
-from sqlalchemy import select, tuple_
+from sqlalchemy import ColumnElement, select, true, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.audit.service import record
 from app.auth.models import ApiKey
 from app.base_models.service import get_by_name
+from app.callbacks.targets import check_callback_urls
 from app.core.canonical import canonical_json
 from app.core.config import Settings
 from app.core.db import utcnow
@@ -32,7 +33,7 @@ def add_calendar_months(moment: datetime, months: int) -> datetime:
 
 
 def body_digest(data: ForgetRequestCreate) -> str:
-    return hashlib.sha256(canonical_json(data.model_dump(exclude_none=True))).hexdigest()
+    return hashlib.sha256(canonical_json(data.model_dump(mode="json", exclude_none=True))).hexdigest()
 
 
 def _check_limits(data: ForgetRequestCreate, settings: Settings) -> None:
@@ -50,10 +51,20 @@ def _check_limits(data: ForgetRequestCreate, settings: Settings) -> None:
             )
 
 
+def visible_to(key: ApiKey) -> ColumnElement[bool]:
+    """The requests a key may see: its tenant's, or every one with `admin`."""
+    return true() if key.is_admin else ForgetRequest.tenant == key.tenant
+
+
+def can_see(key: ApiKey, request: ForgetRequest) -> bool:
+    """visible_to() for a loaded request."""
+    return key.is_admin or request.tenant == key.tenant
+
+
 def _existing(session: Session, key: ApiKey, subject_request_id: str) -> ForgetRequest | None:
     return session.scalar(
         select(ForgetRequest).where(
-            ForgetRequest.api_key_id == key.id, ForgetRequest.subject_request_id == subject_request_id
+            ForgetRequest.tenant == key.tenant, ForgetRequest.subject_request_id == subject_request_id
         )
     )
 
@@ -68,23 +79,28 @@ def _replay(original: ForgetRequest, digest: str) -> ForgetRequest:
 
 
 def submit(session: Session, key: ApiKey, data: ForgetRequestCreate, settings: Settings) -> tuple[ForgetRequest, bool]:
-    """Store a request; returns (request, created). Replaying the same body returns the original."""
+    """Store a request; returns (request, created). Replaying the same body within the key's tenant returns the
+    original, whichever of the tenant's keys sent it first (so a rotated key replays its predecessor's requests)."""
     _check_limits(data, settings)
     digest = body_digest(data)
     original = _existing(session, key, data.subject_request_id)
     if original is not None:
         return _replay(original, digest), False
     model = get_by_name(session, data.model)
+    callback_urls = [str(url) for url in data.status_callback_urls or []]
+    check_callback_urls(callback_urls, settings)
     now = utcnow()
     request = ForgetRequest(
         id=uuid.uuid4(),
         api_key_id=key.id,
+        tenant=key.tenant,
         subject_request_id=data.subject_request_id,
         base_model_id=model.id,
         body_sha256=digest,
         status=RequestStatus.pending,
         received_at=now,
         due_at=add_calendar_months(now, settings.deadline_months),
+        status_callback_urls=callback_urls,
     )
     seal_items(request, [item.model_dump(exclude_none=True) for item in data.items], settings)
     session.add(request)
@@ -109,8 +125,9 @@ def submit(session: Session, key: ApiKey, data: ForgetRequestCreate, settings: S
     return request, True
 
 
-def get(session: Session, request_id: uuid.UUID) -> ForgetRequest:
-    request = session.get(ForgetRequest, request_id)
+def get(session: Session, request_id: uuid.UUID, key: ApiKey) -> ForgetRequest:
+    # Another tenant's request answers exactly like a missing one, so ids are never confirmed.
+    request = session.scalar(select(ForgetRequest).where(ForgetRequest.id == request_id, visible_to(key)))
     if request is None:
         raise NotFound(f"no forget request with id {request_id}")
     return request
@@ -130,10 +147,10 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
 
 
 def list_requests(
-    session: Session, status: str | None, model: str | None, cursor: str | None, limit: int
+    session: Session, key: ApiKey, status: str | None, model: str | None, cursor: str | None, limit: int
 ) -> tuple[list[ForgetRequest], str | None]:
     """Newest first, keyset-paginated on (received_at, id) so pages stay stable while requests arrive."""
-    query = select(ForgetRequest)
+    query = select(ForgetRequest).where(visible_to(key))
     if status is not None:
         if status not in RequestStatus.__members__:
             raise InvalidInput(f"unknown status '{status}'", {"known": list(RequestStatus.__members__)})
@@ -175,4 +192,5 @@ def to_out(request: ForgetRequest) -> ForgetRequestOut:
         attempts=request.attempts,
         item_metrics=request.item_metrics,
         shredded_at=request.shredded_at,
+        status_callback_urls=request.status_callback_urls,
     )

@@ -30,7 +30,7 @@ def submit_forget_request(
 
 @router.get("/{request_id}")
 def get_forget_request(request_id: uuid.UUID, key: ReaderKey, session: SessionDep) -> ForgetRequestOut:
-    return service.to_out(service.get(session, request_id))
+    return service.to_out(service.get(session, request_id, key))
 
 
 @router.get("")
@@ -43,13 +43,13 @@ def list_forget_requests(
     cursor: str | None = None,
     limit: Annotated[int, Query(ge=1)] = 50,
 ) -> ForgetRequestPage:
-    page, next_cursor = service.list_requests(session, status, model, cursor, min(limit, settings.max_page_size))
+    page, next_cursor = service.list_requests(session, key, status, model, cursor, min(limit, settings.max_page_size))
     return ForgetRequestPage(items=[service.to_out(r) for r in page], next_cursor=next_cursor)
 
 
 @router.delete("/{request_id}", status_code=status.HTTP_202_ACCEPTED)
 def cancel_forget_request(request_id: uuid.UUID, key: WriterKey, session: SessionDep) -> ForgetRequestOut:
     """Cancel a request that is still pending; a request already batched into a job answers 409."""
-    request = service.cancel(session, service.get(session, request_id), key.actor)
+    request = service.cancel(session, service.get(session, request_id, key), key.actor)
     session.commit()
     return service.to_out(request)

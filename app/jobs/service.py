@@ -2,15 +2,18 @@ from __future__ import annotations
 
 import logging
 
-from sqlalchemy import select, update
+from sqlalchemy import ColumnElement, select, true, update
 from sqlalchemy.orm import Session
 
 from app.adapters.models import AdapterVersion
 from app.audit.service import record
+from app.auth.models import ApiKey
 from app.base_models.models import BaseModel
 from app.core.config import Settings
 from app.core.db import utcnow
 from app.core.errors import Conflict, InvalidInput, NotFound
+from app.forget_requests.models import ForgetRequest
+from app.forget_requests.service import can_see
 from app.jobs.batching import batch_pending, job_config
 from app.jobs.lifecycle import cancel
 from app.jobs.models import UNMERGE, JobStatus, UnlearningJob, job_key
@@ -92,17 +95,22 @@ def create_unmerge(session: Session, model: BaseModel, job_id: int, settings: Se
     return job
 
 
-def get(session: Session, job_id: int) -> UnlearningJob:
-    job = session.get(UnlearningJob, job_id)
+def visible_to(key: ApiKey) -> ColumnElement[bool]:
+    """A job is visible to a tenant that has a request in it; `admin` sees every job."""
+    return true() if key.is_admin else UnlearningJob.requests.any(ForgetRequest.tenant == key.tenant)
+
+
+def get(session: Session, job_id: int, key: ApiKey) -> UnlearningJob:
+    job = session.scalar(select(UnlearningJob).where(UnlearningJob.id == job_id, visible_to(key)))
     if job is None:
         raise NotFound(f"no job with id {job_id}")
     return job
 
 
 def list_jobs(
-    session: Session, status: str | None, model: BaseModel | None, cursor: str | None, limit: int
+    session: Session, key: ApiKey, status: str | None, model: BaseModel | None, cursor: str | None, limit: int
 ) -> tuple[list[UnlearningJob], str | None]:
-    query = select(UnlearningJob)
+    query = select(UnlearningJob).where(visible_to(key))
     if status is not None:
         query = query.where(UnlearningJob.status == status)
     if model is not None:
@@ -116,7 +124,8 @@ def list_jobs(
     return page, str(page[-1].id) if len(rows) > limit else None
 
 
-def to_out(job: UnlearningJob) -> JobOut:
+def to_out(job: UnlearningJob, key: ApiKey) -> JobOut:
+    """The job as `key` may see it: other tenants' requests in the same batch are left out."""
     return JobOut(
         id=job.id,
         model=job.base_model.name,
@@ -135,5 +144,5 @@ def to_out(job: UnlearningJob) -> JobOut:
         trigger=job.trigger,
         not_before=job.not_before,
         cancel_requested_at=job.cancel_requested_at,
-        request_ids=[r.id for r in job.requests],
+        request_ids=[r.id for r in job.requests if can_see(key, r)],
     )

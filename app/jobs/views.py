@@ -15,7 +15,7 @@ router = APIRouter(tags=["jobs"])
 @router.get("/jobs/{job_id}")
 def get_job(job_id: int, key: ReaderKey, session: SessionDep) -> JobOut:
     """A job with its progress (step, total, phase, latest metrics), for dashboards that poll."""
-    return service.to_out(service.get(session, job_id))
+    return service.to_out(service.get(session, job_id, key), key)
 
 
 @router.get("/jobs")
@@ -29,17 +29,17 @@ def list_jobs(
     limit: Annotated[int, Query(ge=1)] = 50,
 ) -> JobPage:
     base_model = get_by_name(session, model) if model else None
-    page, next_cursor = service.list_jobs(session, status, base_model, cursor, min(limit, settings.max_page_size))
-    return JobPage(items=[service.to_out(j) for j in page], next_cursor=next_cursor)
+    page, next_cursor = service.list_jobs(session, key, status, base_model, cursor, min(limit, settings.max_page_size))
+    return JobPage(items=[service.to_out(j, key) for j in page], next_cursor=next_cursor)
 
 
 @router.post("/jobs/{job_id}/cancel", status_code=202)
 def cancel_job(job_id: int, key: AdminKey, session: SessionDep) -> JobOut:
     """Cancel a job: a queued one at once, a running one at its next training step (`cancel_requested_at` is set
     until then). Its requests go back to pending. A job already publishing answers 409."""
-    job = service.request_cancel(session, service.get(session, job_id), key.actor)
+    job = service.request_cancel(session, service.get(session, job_id, key), key.actor)
     session.commit()
-    return service.to_out(job)
+    return service.to_out(job, key)
 
 
 @router.post("/admin/batches", status_code=201)
@@ -49,7 +49,7 @@ def batch_now(key: AdminKey, session: SessionDep, settings: SettingsDep, model: 
     time)."""
     only_model = get_by_name(session, model) if model else None
     jobs = service.run_batcher(session, settings, key.actor, force=True, only_model=only_model)
-    return BatchResult(jobs=[service.to_out(j) for j in jobs])
+    return BatchResult(jobs=[service.to_out(j, key) for j in jobs])
 
 
 @router.post("/models/{name}/unmerge", status_code=202)
@@ -59,4 +59,4 @@ def unmerge_job(name: str, body: UnmergeCreate, key: AdminKey, session: SessionD
     job = service.create_unmerge(session, get_by_name(session, name), body.job_id, settings, key.actor)
     session.commit()
     service.enqueue(session, [job.id])
-    return service.to_out(job)
+    return service.to_out(job, key)

@@ -19,6 +19,6 @@ def shred_forget_request(
 ) -> ForgetRequestOut:
     """Crypto-shred a finished request's items now instead of at the end of its retention window (audited): its
     texts become unrecoverable; hashes, metrics and the certificate remain."""
-    request = service.shred(session, get_request(session, request_id), settings, key.actor, reason="admin")
+    request = service.shred(session, get_request(session, request_id, key), settings, key.actor, reason="admin")
     session.commit()
     return to_out(request)

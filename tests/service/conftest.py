@@ -33,6 +33,11 @@ os.environ.update(
     UNLEARND_BROKER_URL=REDIS_URL,
     UNLEARND_DATA_DIR=str(DATA_DIR),
     UNLEARND_PROGRESS_INTERVAL_SECONDS="0.5",
+    # Status callbacks go to receivers the tests run on 127.0.0.1, retried quickly.
+    UNLEARND_CALLBACK_SECRET="test-callback-secret",
+    UNLEARND_CALLBACK_ALLOWED_HOSTS='["127.0.0.1"]',
+    UNLEARND_CALLBACK_ALLOWED_NETWORKS='["127.0.0.1/32"]',
+    UNLEARND_CALLBACK_RETRY_BASE_SECONDS="0.5",
 )
 
 
@@ -74,12 +79,12 @@ def settings(database):
     return get_settings()
 
 
-def make_key(scopes: list[str], name: str = "test") -> str:
+def make_key(scopes: list[str], name: str = "test", tenant: str = "default") -> str:
     from app.auth.service import create_key
     from app.core.db import session_scope
 
     with session_scope() as session:
-        _, secret = create_key(session, name, scopes, actor="test")
+        _, secret = create_key(session, name, scopes, actor="test", tenant=tenant)
         session.commit()
     return secret
 

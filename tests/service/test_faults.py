@@ -33,6 +33,8 @@ FAST = {
     "progress_interval_seconds": 0.2,
     "job_retry_backoff_seconds": 0.5,
     "batch_interval_seconds": 3600,
+    "rate_limit_per_minute": 1e9,  # one key sends everything
+    "rate_limit_burst": 1_000_000,
 }
 
 

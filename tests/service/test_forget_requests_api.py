@@ -57,12 +57,17 @@ def test_same_subject_with_a_different_body_is_409(client, writer_key, registere
     assert_error(client.post("/v1/forget-requests", headers=auth(writer_key), json=payload), 409, "conflict")
 
 
-def test_subject_ids_are_scoped_per_api_key(client, writer_key, admin_key, registered_model):
+def test_subject_ids_are_scoped_per_tenant(client, writer_key, admin_key, registered_model):
+    from tests.service.conftest import make_key
+
     payload = body(registered_model)
     first = client.post("/v1/forget-requests", headers=auth(writer_key), json=payload)
-    second = client.post("/v1/forget-requests", headers=auth(admin_key), json=payload)
-    assert (first.status_code, second.status_code) == (201, 201)
-    assert first.json()["id"] != second.json()["id"]
+    same_tenant = client.post("/v1/forget-requests", headers=auth(admin_key), json=payload)
+    other_tenant = client.post(
+        "/v1/forget-requests", headers=auth(make_key(["requests:write"], tenant="t2")), json=payload
+    )
+    assert (first.status_code, same_tenant.status_code, other_tenant.status_code) == (201, 200, 201)
+    assert same_tenant.json()["id"] == first.json()["id"] != other_tenant.json()["id"]
 
 
 def test_unknown_model_is_404_listing_the_known_ones(client, writer_key, registered_model):

@@ -1,0 +1,274 @@
+"""Access control on real PostgreSQL and Redis: every route's answer without a key, with the wrong scope and with
+another tenant's key (read from the OpenAPI document, so new routes are covered), key expiry and rotation, and the
+per-key rate limit."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import timedelta
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from tests.service.conftest import REDIS_URL, auth, make_key
+
+PUBLIC = {("get", "/healthz"), ("get", "/readyz")}
+OTHER_SCOPES = {
+    "requests:read": ["requests:write"],
+    "requests:write": ["requests:read"],
+    "admin": ["requests:read", "requests:write"],
+}
+# Values for path parameters that name shared objects (models and their adapters belong to no tenant).
+SHARED = {"version": "1", "filename": "adapter_model.safetensors"}
+
+
+def key_row(session, secret: str):
+    from app.auth.models import ApiKey
+    from app.auth.service import hash_key
+
+    return session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(secret)))
+
+
+def assert_error(response, status: int, code: str) -> None:
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["code"] == code
+
+
+@pytest.fixture(scope="module")
+def tenant_a(client, registered_model) -> dict:
+    """Tenant A's keys, one pending request and a job holding it (a row only: no worker runs it)."""
+    from app.core.db import session_scope
+    from app.forget_requests.models import ForgetRequest
+    from app.jobs.models import UnlearningJob
+
+    writer = make_key(["requests:write", "requests:read"], "a-writer", tenant="acme")
+    subject = f"dsr-a-{uuid.uuid4().hex}"
+    submitted = client.post(
+        "/v1/forget-requests",
+        headers=auth(writer),
+        json={"subject_request_id": subject, "model": registered_model, "items": [{"text": "Ana lives in Oslo."}]},
+    )
+    assert submitted.status_code == 201, submitted.text
+    request_id = submitted.json()["id"]
+    with session_scope() as session:
+        request = session.get(ForgetRequest, uuid.UUID(request_id))
+        job = UnlearningJob(
+            base_model_id=request.base_model_id, method="ihl", config={}, status="failed", requests=[request]
+        )
+        session.add(job)
+        session.commit()
+        job_id = job.id
+    return {
+        "writer": writer,
+        "keys": {
+            scope: make_key([scope], f"a-{scope}", tenant="acme") for scope in ("requests:read", "requests:write")
+        },
+        "request_id": request_id,
+        "subject": subject,
+        "job_id": job_id,
+        "owned": {"request_id": request_id, "job_id": str(job_id)},
+    }
+
+
+@pytest.fixture(scope="module")
+def tenant_b_keys(database) -> dict[str, str]:
+    return {scope: make_key([scope], f"b-{scope}", tenant="globex") for scope in ("requests:read", "requests:write")}
+
+
+def operations(client) -> list[tuple[str, str, dict]]:
+    spec = client.app.openapi()
+    return [(method, path, op) for path, item in spec["paths"].items() for method, op in item.items()]
+
+
+def required_scope(op: dict) -> str:
+    (requirement,) = op["security"]
+    (scopes,) = requirement.values()
+    (scope,) = scopes
+    return scope
+
+
+def path_params(op: dict) -> dict[str, dict]:
+    return {p["name"]: p["schema"] for p in op.get("parameters", []) if p["in"] == "path"}
+
+
+def random_value(schema: dict) -> str:
+    if schema.get("type") == "integer":
+        return str(900_000_000 + uuid.uuid4().int % 1000)
+    if schema.get("format") == "uuid":
+        return str(uuid.uuid4())
+    return f"missing-{uuid.uuid4().hex[:8]}"
+
+
+def fill(path: str, values: dict[str, str]) -> str:
+    for name, value in values.items():
+        path = path.replace("{" + name + "}", value)
+    return path
+
+
+def call(client, method: str, path: str, op: dict, key: str | None):
+    headers = auth(key) if key else {}
+    body = {"json": {}} if "requestBody" in op else {}
+    return client.request(method.upper(), path, headers=headers, **body)
+
+
+def test_every_route_refuses_a_missing_key_and_a_wrong_scope(client, tenant_a, registered_model):
+    checked = 0
+    for method, path, op in operations(client):
+        if (method, path) in PUBLIC:
+            continue
+        assert "security" in op, f"{method.upper()} {path} declares no API key scope"
+        scope = required_scope(op)
+        url = fill(path, {name: random_value(schema) for name, schema in path_params(op).items()})
+        assert_error(call(client, method, url, op, None), 401, "unauthorized")
+        assert_error(call(client, method, url, op, "unl_not-a-key"), 401, "unauthorized")
+        for other in OTHER_SCOPES[scope]:
+            assert_error(call(client, method, url, op, tenant_a["keys"][other]), 403, "forbidden")
+        checked += 1
+    assert checked >= 12
+
+
+def test_another_tenants_objects_answer_like_missing_ones(client, tenant_a, tenant_b_keys, registered_model):
+    """Tenant B, with the scope a route needs, gets for tenant A's object exactly what it gets for a missing id
+    (404 where the route takes no body), and never sees A's ids in any answer."""
+    cross_tenant = 0
+    for method, path, op in operations(client):
+        if (method, path) in PUBLIC or required_scope(op) == "admin":
+            continue
+        key = tenant_b_keys[required_scope(op)]
+        params = path_params(op)
+        unknown = set(params) - set(tenant_a["owned"]) - set(SHARED) - {"name"}
+        assert not unknown, f"{method.upper()} {path}: give tenant A an object for {unknown} in this test's fixture"
+        shared = {"name": registered_model, **{n: v for n, v in SHARED.items() if n in params}}
+        owned = {n: v for n, v in tenant_a["owned"].items() if n in params}
+        if owned:
+            missing = {n: random_value(params[n]) for n in owned}
+            theirs = call(client, method, fill(path, {**shared, **owned}), op, key)
+            absent = call(client, method, fill(path, {**shared, **missing}), op, key)
+            assert theirs.status_code == absent.status_code, f"{method.upper()} {path}: {theirs.text}"
+            if "requestBody" not in op:
+                assert theirs.status_code == 404, f"{method.upper()} {path}: {theirs.text}"
+            normalised = theirs.text
+            for name, value in owned.items():
+                normalised = normalised.replace(value, missing[name])
+            assert normalised == absent.text
+            cross_tenant += 1
+        else:
+            response = call(client, method, fill(path, shared), op, key)
+            assert tenant_a["request_id"] not in response.text, f"{method.upper()} {path}"
+            assert tenant_a["subject"] not in response.text, f"{method.upper()} {path}"
+    assert cross_tenant >= 3
+    mine = client.get(f"/v1/forget-requests/{tenant_a['request_id']}", headers=auth(tenant_a["writer"]))
+    assert mine.status_code == 200
+    assert mine.json()["status"] == "pending"  # B's DELETE did not cancel it
+
+
+def test_a_tenant_sees_its_jobs_and_only_its_requests_in_them(client, tenant_a, tenant_b_keys, admin_key):
+    job_id = tenant_a["job_id"]
+    reader_a = tenant_a["keys"]["requests:read"]
+    assert job_id in [job["id"] for job in client.get("/v1/jobs", headers=auth(reader_a)).json()["items"]]
+    other = client.get("/v1/jobs", headers=auth(tenant_b_keys["requests:read"])).json()["items"]
+    assert job_id not in [job["id"] for job in other]
+    assert client.get(f"/v1/jobs/{job_id}", headers=auth(reader_a)).json()["request_ids"] == [tenant_a["request_id"]]
+    assert client.get(f"/v1/jobs/{job_id}", headers=auth(admin_key)).status_code == 200
+
+
+def test_admin_sees_every_tenants_requests(client, tenant_a, admin_key):
+    response = client.get(f"/v1/forget-requests/{tenant_a['request_id']}", headers=auth(admin_key))
+    assert response.status_code == 200
+
+
+def test_a_rotated_key_replays_its_predecessors_requests_and_the_old_key_expires_after_the_grace_period(
+    client, registered_model, session
+):
+    from app.auth.service import rotate_key
+
+    old = make_key(["requests:write", "requests:read"], "rotating", tenant="initech")
+    payload = {"subject_request_id": f"dsr-{uuid.uuid4().hex}", "model": registered_model, "items": [{"text": "x y"}]}
+    first = client.post("/v1/forget-requests", headers=auth(old), json=payload)
+    old_row = key_row(session, old)
+    new_row, new = rotate_key(session, old_row.id, timedelta(hours=1), actor="test")
+    session.commit()
+    assert (new_row.tenant, new_row.scopes, new_row.name) == ("initech", old_row.scopes, "rotating")
+    replay = client.post("/v1/forget-requests", headers=auth(new), json=payload)
+    assert (first.status_code, replay.status_code) == (201, 200)
+    assert replay.json()["id"] == first.json()["id"]
+    assert client.get("/v1/forget-requests", headers=auth(old)).status_code == 200  # still inside the grace period
+
+    rotate_key(session, new_row.id, timedelta(0), actor="test")
+    session.commit()
+    assert_error(client.get("/v1/forget-requests", headers=auth(new)), 401, "unauthorized")
+
+
+def test_an_expired_key_is_401(client, session):
+    from app.core.db import utcnow
+
+    secret = make_key(["requests:read"], "short-lived")
+    assert client.get("/v1/forget-requests", headers=auth(secret)).status_code == 200
+    key = key_row(session, secret)
+    key.expires_at = utcnow() - timedelta(seconds=1)
+    session.commit()
+    assert_error(client.get("/v1/forget-requests", headers=auth(secret)), 401, "unauthorized")
+
+
+def test_keys_refuse_an_invalid_tenant_or_lifetime(session):
+    from app.auth.service import create_key
+    from app.core.errors import InvalidInput
+
+    with pytest.raises(InvalidInput):
+        create_key(session, "bad", ["requests:read"], tenant="no spaces allowed")
+    with pytest.raises(InvalidInput):
+        create_key(session, "bad", ["requests:read"], expires_in=timedelta(0))
+
+
+@pytest.fixture
+def limited_clients(database):
+    """Two app instances (as two API processes would be) with a burst of 3 and one token a second."""
+    from app.core.config import Settings, get_settings
+    from app.main import create_app
+
+    limited = Settings(rate_limit_per_minute=60, rate_limit_burst=3)
+    clients = []
+    for _ in range(2):
+        app = create_app()
+        app.dependency_overrides[get_settings] = lambda: limited
+        clients.append(TestClient(app, raise_server_exceptions=False))
+    return clients
+
+
+def test_a_key_over_its_rate_limit_gets_429_with_retry_after_across_api_processes(limited_clients, session):
+    first, second = limited_clients
+    key, bystander = make_key(["requests:read"], "busy"), make_key(["requests:read"], "calm")
+    answers = [first.get("/v1/models", headers=auth(key)).status_code for _ in range(3)]
+    assert answers == [200, 200, 200]
+    limited = second.get("/v1/models", headers=auth(key))
+    assert_error(limited, 429, "rate_limited")
+    assert int(limited.headers["Retry-After"]) >= 1
+    assert second.get("/v1/models", headers=auth(bystander)).status_code == 200  # buckets are per key
+    assert redis.Redis.from_url(REDIS_URL).exists(f"unlearnd:rate:key:{key_row(session, key).id}")
+    time.sleep(int(limited.headers["Retry-After"]))
+    assert first.get("/v1/models", headers=auth(key)).status_code == 200
+
+
+def test_the_in_process_bucket_allows_the_burst_then_asks_to_wait():
+    from app.auth.rate_limit import MemoryTokenBucket
+
+    bucket = MemoryTokenBucket()
+    assert [bucket.take("k", rate=1.0, burst=2) for _ in range(2)] == [0.0, 0.0]
+    assert 0 < bucket.take("k", rate=1.0, burst=2) <= 1.0
+    assert bucket.take("other", rate=1.0, burst=2) == 0.0
+
+
+def test_registering_a_model_is_audited_with_the_admin_key(client, tiny_demo_model, session):
+    from app.audit.models import AuditEvent
+    from tests.service.conftest import register_demo_model
+
+    admin = make_key(["admin"], "auditor")
+    name = register_demo_model(client, tiny_demo_model, auth(admin))
+    event = session.scalar(
+        select(AuditEvent).where(AuditEvent.action == "base_model.registered").order_by(AuditEvent.id.desc())
+    )
+    assert event.data["name"] == name
+    assert event.actor == key_row(session, admin).actor

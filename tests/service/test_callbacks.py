@@ -1,0 +1,242 @@
+"""Status callbacks on real parts: a Celery worker over Redis POSTs signed status changes to an HTTP receiver on
+127.0.0.1, retries a failing one, resends what a lost message left behind; unsafe callback URLs are refused."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import threading
+import time
+import uuid
+from datetime import timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from sqlalchemy import insert
+
+from tests.service.conftest import DATA_DIR, auth
+from tests.service.processes import start, stop, wait_until
+
+pytestmark = pytest.mark.integration
+
+SECRET = "test-callback-secret"
+ITEM_TEXT = "Ana Kowalczyk lives at 12 Birch Lane."
+
+
+class Receiver:
+    """A real HTTP server that records every POST and fails the first `failures[path]` ones to a path with 500."""
+
+    def __init__(self) -> None:
+        self.posts: list[dict] = []
+        self.failures: dict[str, int] = {}
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                raw = self.rfile.read(int(self.headers["Content-Length"]))
+                receiver.posts.append({"path": self.path, "headers": dict(self.headers), "raw": raw})
+                failing = receiver.failures.get(self.path, 0)
+                receiver.failures[self.path] = failing - 1
+                self.send_response(500 if failing > 0 else 204)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def bodies(self, path: str) -> list[dict]:
+        return [json.loads(p["raw"]) for p in self.posts if p["path"] == path]
+
+
+@pytest.fixture(scope="module")
+def receiver():
+    receiver = Receiver()
+    yield receiver
+    receiver.server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def callback_worker(database):
+    """A worker on the default queue only: callbacks never wait behind a GPU job."""
+    log = DATA_DIR / "worker-callbacks.log"
+    process = start(["worker", "--queues", "default", "--hostname", f"callbacks-{uuid.uuid4().hex[:6]}@%h"], log)
+    wait_until(lambda: b"ready." in log.read_bytes() or process.poll() is not None, 90, "the callback worker")
+    assert process.poll() is None, log.read_text()[-3000:]
+    yield process
+    stop(process)
+
+
+def submit(client, key: str, model: str, urls: list[str]):
+    return client.post(
+        "/v1/forget-requests",
+        headers=auth(key),
+        json={
+            "subject_request_id": f"dsr-{uuid.uuid4().hex}",
+            "model": model,
+            "items": [{"text": ITEM_TEXT}],
+            "status_callback_urls": urls,
+        },
+    )
+
+
+def statuses(receiver: Receiver, path: str) -> list[str]:
+    return [body["status"] for body in receiver.bodies(path)]
+
+
+def assert_refused(response, reason: str) -> None:
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_input" and error["message"]
+    assert error["details"]["reason"] == reason
+
+
+def test_each_status_change_is_posted_signed_without_item_texts(
+    client, writer_key, registered_model, receiver, callback_worker
+):
+    path = f"/hooks/{uuid.uuid4().hex}"
+    submitted = submit(client, writer_key, registered_model, [receiver.base + path])
+    assert submitted.status_code == 201, submitted.text
+    request = submitted.json()
+    assert request["status_callback_urls"] == [receiver.base + path]
+    wait_until(lambda: statuses(receiver, path) == ["pending"], 60, "the 'pending' callback")
+    assert client.delete(f"/v1/forget-requests/{request['id']}", headers=auth(writer_key)).status_code == 202
+    wait_until(lambda: statuses(receiver, path) == ["pending", "cancelled"], 60, "the 'cancelled' callback")
+
+    for post in [p for p in receiver.posts if p["path"] == path]:
+        signature = dict(part.split("=", 1) for part in post["headers"]["X-Unlearnd-Signature"].split(","))
+        expected = hmac.new(SECRET.encode(), signature["t"].encode() + b"." + post["raw"], hashlib.sha256)
+        assert hmac.compare_digest(signature["v1"], expected.hexdigest())
+        assert abs(time.time() - int(signature["t"])) < 120
+        assert ITEM_TEXT.encode() not in post["raw"]
+        body = json.loads(post["raw"])
+        assert body["request_id"] == request["id"]
+        assert body["subject_request_id"] == request["subject_request_id"]
+        assert set(body) == {"id", "request_id", "subject_request_id", "status", "timestamp"}
+
+
+def test_a_status_change_made_anywhere_is_posted(
+    client, writer_key, registered_model, receiver, callback_worker, session
+):
+    """The job runner and batcher change statuses in their own sessions; no call of theirs is needed."""
+    from app.forget_requests.models import ForgetRequest
+
+    path = f"/hooks/{uuid.uuid4().hex}"
+    request_id = submit(client, writer_key, registered_model, [receiver.base + path]).json()["id"]
+    row = session.get(ForgetRequest, uuid.UUID(request_id))
+    row.status = "running"
+    session.commit()
+    wait_until(lambda: sorted(statuses(receiver, path)) == ["pending", "running"], 60, "the 'running' callback")
+
+
+def test_a_failing_receiver_gets_the_delivery_on_a_later_attempt(
+    client, writer_key, registered_model, receiver, callback_worker, session
+):
+    from app.callbacks.models import CallbackDelivery
+
+    path = f"/flaky/{uuid.uuid4().hex}"
+    receiver.failures[path] = 2
+    request_id = submit(client, writer_key, registered_model, [receiver.base + path]).json()["id"]
+
+    def delivered() -> bool:
+        session.expire_all()
+        row = session.query(CallbackDelivery).filter_by(request_id=uuid.UUID(request_id)).one()
+        return row.delivered_at is not None
+
+    wait_until(delivered, 60, "the delivery after two failures")
+    row = session.query(CallbackDelivery).filter_by(request_id=uuid.UUID(request_id)).one()
+    assert (row.attempts, row.last_error, row.next_attempt_at) == (3, None, None)
+    assert len({body["id"] for body in receiver.bodies(path)}) == 1
+    assert statuses(receiver, path) == ["pending"] * 3
+
+
+def test_a_delivery_whose_message_was_lost_is_sent_by_the_sweep(
+    client, writer_key, registered_model, receiver, callback_worker, session
+):
+    from app.callbacks.models import CallbackDelivery
+    from app.core.db import utcnow
+    from worker.tasks import redeliver_callbacks
+
+    path = f"/lost/{uuid.uuid4().hex}"
+    request_id = submit(client, writer_key, registered_model, [receiver.base + "/elsewhere"]).json()["id"]
+    overdue = utcnow() - timedelta(minutes=5)
+    # A row committed without its message (Core insert: nothing is enqueued), as when the broker was down.
+    lost_id = session.scalar(
+        insert(CallbackDelivery)
+        .values(
+            request_id=uuid.UUID(request_id),
+            url=receiver.base + path,
+            status="batched",
+            occurred_at=overdue,
+            next_attempt_at=overdue,
+            attempts=0,
+        )
+        .returning(CallbackDelivery.id)
+    )
+    session.commit()
+    assert lost_id in redeliver_callbacks()
+    wait_until(lambda: statuses(receiver, path) == ["batched"], 60, "the swept delivery")
+
+
+def test_loopback_is_refused_without_the_allowance(client, writer_key, registered_model, settings_client):
+    refused = submit(
+        settings_client(callback_allowed_networks=[]), writer_key, registered_model, ["http://127.0.0.1/x"]
+    )
+    assert_refused(refused, "address_not_allowed")
+    named = settings_client(callback_allowed_hosts=["localhost"], callback_allowed_networks=[])
+    assert_refused(submit(named, writer_key, registered_model, ["http://localhost:8080/x"]), "address_not_allowed")
+
+
+@pytest.mark.parametrize(
+    "url", ["http://10.0.0.5/hook", "http://192.168.1.1/hook", "http://169.254.169.254/latest", "http://[::1]/hook"]
+)
+def test_private_and_link_local_addresses_are_refused(writer_key, registered_model, settings_client, url):
+    assert_refused(
+        submit(settings_client(callback_allowed_hosts=["*"]), writer_key, registered_model, [url]),
+        "address_not_allowed",
+    )
+
+
+def test_a_host_off_the_allowlist_is_refused(client, writer_key, registered_model):
+    assert_refused(submit(client, writer_key, registered_model, ["https://example.com/hook"]), "host_not_allowed")
+
+
+def test_callbacks_are_refused_while_no_secret_is_set(writer_key, registered_model, settings_client):
+    assert_refused(
+        submit(settings_client(callback_secret=""), writer_key, registered_model, ["http://127.0.0.1/x"]), "disabled"
+    )
+
+
+def test_a_non_http_callback_url_is_422(client, writer_key, registered_model):
+    response = submit(client, writer_key, registered_model, ["ftp://127.0.0.1/x"])
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "invalid_input"
+
+
+def test_the_target_is_checked_again_at_delivery_time(receiver):
+    from app.callbacks.delivery import post
+    from app.core.config import Settings
+
+    path = f"/recheck/{uuid.uuid4().hex}"
+    error = post(receiver.base + path, b"{}", Settings(callback_allowed_networks=[]))
+    assert error is not None and error.startswith("refused")
+    assert receiver.bodies(path) == []
+
+
+@pytest.fixture
+def settings_client(database):
+    """An in-process API whose settings differ from the test session's in the given fields."""
+    from fastapi.testclient import TestClient
+
+    from app.core.config import Settings, get_settings
+    from app.main import create_app
+
+    def make(**overrides: object) -> TestClient:
+        app = create_app()
+        app.dependency_overrides[get_settings] = lambda: Settings(**overrides)
+        return TestClient(app, raise_server_exceptions=False)
+
+    return make
