@@ -189,7 +189,9 @@ def test_reconciliation_recovers_a_lost_job_and_fails_it_after_its_attempts(queu
     with session_scope() as session:
         reconcile(session, settings, "test")
         events = session.scalars(
-            select(AuditEvent.action).where(AuditEvent.entity_type == "job", AuditEvent.entity_id == str(queued_job))
+            select(AuditEvent.action)
+            .where(AuditEvent.entity_type == "job", AuditEvent.entity_id == str(queued_job))
+            .order_by(AuditEvent.id)
         ).all()
     assert job_and_request_states(queued_job)[:2] == ("failed", ["pending"])
     assert events[-1] == "job.failed" and "job.queued" in events

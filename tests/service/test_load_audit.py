@@ -21,7 +21,8 @@ def submitted(client, registered_model) -> tuple[list[Answer], int]:
     from app.core.db import session_scope
 
     key = make_key(["requests:write"], "load audit")
-    bodies = [request_body(registered_model, f"audit-{i}", items=2) for i in range(3)]
+    run = uuid.uuid4().hex[:8]  # subject ids are unique per tenant, and every test here uses the default tenant
+    bodies = [request_body(registered_model, f"audit-{run}-{i}", items=2) for i in range(3)]
     answers = [answer_of(b, client.post("/v1/forget-requests", headers=auth(key), json=b)) for b in bodies]
     answers.append(answer_of(bodies[0], client.post("/v1/forget-requests", headers=auth(key), json=bodies[0])))
     with session_scope() as session:
