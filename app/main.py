@@ -8,16 +8,17 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from app.adapters.views import aliases as aliases_router
 from app.adapters.views import router as adapters_router
 from app.base_models.views import router as models_router
 from app.core.config import get_settings
 from app.core.db import get_engine
-from app.core.errors import DomainError, error_body
-from app.core.limits import BodySizeLimit
+from app.core.errors import DomainError, error_body, error_responses
+from app.core.limits import RequestBodyGuard
 from app.forget_requests.views import router as requests_router
 from app.jobs.views import router as jobs_router
 from worker.celery_app import broker_reachable
@@ -25,6 +26,8 @@ from worker.celery_app import broker_reachable
 log = logging.getLogger(__name__)
 
 DB_RETRY_AFTER_SECONDS = "5"
+# Enough to fix a request by; a body of 100 000 bad items must not produce a 100 000-entry answer.
+MAX_VALIDATION_ERRORS = 20
 
 
 def _json_error(status: int, code: str, message: str, details=None, headers=None) -> JSONResponse:
@@ -33,7 +36,17 @@ def _json_error(status: int, code: str, message: str, details=None, headers=None
 
 def _validation_details(exc: RequestValidationError) -> list[dict]:
     # Never echo the submitted values: they may be the very text a person asked to have forgotten.
-    return [{"loc": list(e.get("loc", ())), "type": e.get("type"), "msg": e.get("msg")} for e in exc.errors()]
+    errors = exc.errors()[:MAX_VALIDATION_ERRORS]
+    return [{"loc": list(e.get("loc", ())), "type": e.get("type"), "msg": e.get("msg")} for e in errors]
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route serves at this path (Starlette's own 405 names only the first route's)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if route.matches(request.scope)[0] != Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return ", ".join(sorted(methods))
 
 
 def add_error_handlers(app: FastAPI) -> None:
@@ -49,9 +62,19 @@ def add_error_handlers(app: FastAPI) -> None:
         return _json_error(422, "invalid_input", "the request does not match the schema", details)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return _json_error(exc.status_code, code, str(exc.detail), None, getattr(exc, "headers", None))
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # FastAPI answers 400 only for a body json.loads refuses beyond a syntax error (e.g. a 5000-digit number).
+        code = {400: "malformed_json", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            headers = {**(headers or {}), "Allow": _allowed_methods(request)}
+        return _json_error(exc.status_code, code, str(exc.detail), None, headers)
+
+    @app.exception_handler(DataError)
+    async def unstorable_value(_: Request, exc: DataError) -> JSONResponse:
+        # The database refused a value the request carried (PostgreSQL text cannot hold NUL characters).
+        log.info("database refused a request value: %s", type(exc.orig).__name__)
+        return _json_error(422, "invalid_input", "the request contains a value the database cannot store")
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(DBAPIError)
@@ -80,7 +103,7 @@ def healthz() -> dict:
     return {"status": "ok"}
 
 
-@health.get("/readyz", responses={503: {"description": "The database or the broker is unreachable."}})
+@health.get("/readyz", responses={503: {**error_responses(503)[503], "description": "A dependency is unreachable."}})
 def readyz() -> JSONResponse:
     """The database and the broker both answer."""
     checks = {}
@@ -105,5 +128,5 @@ def create_app() -> FastAPI:
     app.include_router(v1)
     app.include_router(health)
     add_error_handlers(app)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestBodyGuard, max_bytes=settings.max_body_bytes, max_depth=settings.max_json_depth)
     return app

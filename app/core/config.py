@@ -30,6 +30,7 @@ class Settings(BaseSettings):
     max_items_per_request: int = Field(default=100, gt=0)
     max_chars_per_item: int = Field(default=8_000, gt=0)
     max_page_size: int = Field(default=200, gt=0)
+    max_json_depth: int = Field(default=32, gt=0)  # deeper bodies get 400 before they are parsed
 
     # Batching and jobs.
     batch_interval_seconds: float = Field(default=30.0, gt=0)

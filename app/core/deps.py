@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Annotated
 
-from fastapi import Depends, Header
+from fastapi import Depends
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from app.auth.models import ApiKey
@@ -26,10 +27,12 @@ SessionDep = Annotated[Session, Depends(get_db)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
-def _bearer(authorization: Annotated[str | None, Header()] = None) -> str | None:
-    if authorization and authorization.lower().startswith("bearer "):
-        return authorization[7:].strip()
-    return None
+# Declared in the OpenAPI spec; a missing or non-Bearer header is answered by `authenticate` with 401.
+bearer_scheme = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer unl_...`.")
+
+
+def _bearer(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]) -> str | None:
+    return credentials.credentials if credentials else None
 
 
 def requires(scope: str) -> Callable[..., ApiKey]:

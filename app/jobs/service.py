@@ -9,6 +9,7 @@ from app.adapters.models import AdapterVersion
 from app.audit.service import record
 from app.base_models.models import BaseModel
 from app.core.config import Settings
+from app.core.db import MAX_INTEGER
 from app.core.errors import Conflict, InvalidInput, NotFound
 from app.forget_requests.models import ForgetRequest, RequestStatus
 from app.jobs.models import UNMERGE, JobStatus, UnlearningJob, job_key
@@ -124,7 +125,7 @@ def list_jobs(
     if model is not None:
         query = query.where(UnlearningJob.base_model_id == model.id)
     if cursor is not None:
-        if not cursor.isdigit():
+        if not cursor.isdigit() or int(cursor) > MAX_INTEGER:
             raise InvalidInput("invalid cursor", {"field": "cursor"})
         query = query.where(UnlearningJob.id < int(cursor))
     rows = list(session.scalars(query.order_by(UnlearningJob.id.desc()).limit(limit + 1)))
