@@ -19,6 +19,7 @@ from app.core.config import get_settings
 from app.core.db import get_engine
 from app.core.errors import DomainError, error_body, error_responses
 from app.core.limits import RequestBodyGuard
+from app.core.request_ids import RequestIds
 from app.forget_requests.views import router as requests_router
 from app.jobs.views import router as jobs_router
 from worker.celery_app import broker_reachable
@@ -129,4 +130,5 @@ def create_app() -> FastAPI:
     app.include_router(health)
     add_error_handlers(app)
     app.add_middleware(RequestBodyGuard, max_bytes=settings.max_body_bytes, max_depth=settings.max_json_depth)
+    app.add_middleware(RequestIds)  # outermost, so even a refused body is logged with its id
     return app

@@ -6,6 +6,7 @@ from celery import Celery
 from kombu import Queue
 
 from app.core.config import Settings, get_settings
+from worker import request_ids  # noqa: F401  (connects the signals that carry request ids into tasks)
 
 GPU_QUEUE = "gpu"
 DEFAULT_QUEUE = "default"
