@@ -10,7 +10,6 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
 
 from app.adapters.views import aliases as aliases_router
 from app.adapters.views import router as adapters_router
@@ -19,7 +18,10 @@ from app.core.config import get_settings
 from app.core.db import get_engine
 from app.core.errors import DomainError, error_body, error_responses
 from app.core.limits import RequestBodyGuard
+from app.core.metrics import HttpMetrics, Metrics
+from app.core.metrics import router as metrics_router
 from app.core.request_ids import RequestIds
+from app.core.routes import RouteTable
 from app.forget_requests.views import router as requests_router
 from app.jobs.views import router as jobs_router
 from worker.celery_app import broker_reachable
@@ -41,15 +43,6 @@ def _validation_details(exc: RequestValidationError) -> list[dict]:
     return [{"loc": list(e.get("loc", ())), "type": e.get("type"), "msg": e.get("msg")} for e in errors]
 
 
-def _allowed_methods(request: Request) -> str:
-    """Every method some route serves at this path (Starlette's own 405 names only the first route's)."""
-    methods: set[str] = set()
-    for route in request.app.router.routes:
-        if route.matches(request.scope)[0] != Match.NONE:
-            methods |= getattr(route, "methods", None) or set()
-    return ", ".join(sorted(methods))
-
-
 def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(DomainError)
     async def domain_error(_: Request, exc: DomainError) -> JSONResponse:
@@ -67,8 +60,9 @@ def add_error_handlers(app: FastAPI) -> None:
         # FastAPI answers 400 only for a body json.loads refuses beyond a syntax error (e.g. a 5000-digit number).
         code = {400: "malformed_json", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         headers = getattr(exc, "headers", None)
-        if exc.status_code == 405:
-            headers = {**(headers or {}), "Allow": _allowed_methods(request)}
+        if exc.status_code == 405 and (known := request.app.state.routes.match(request.url.path)) is not None:
+            # Every method of the path: Starlette's own answer names only the first matching route's.
+            headers = {**(headers or {}), "Allow": ", ".join(sorted(known[1]))}
         return _json_error(exc.status_code, code, str(exc.detail), None, headers)
 
     @app.exception_handler(DataError)
@@ -128,7 +122,11 @@ def create_app() -> FastAPI:
         v1.include_router(router)
     app.include_router(v1)
     app.include_router(health)
+    app.include_router(metrics_router)
+    app.state.metrics = Metrics()
+    app.state.routes = RouteTable(app)
     add_error_handlers(app)
     app.add_middleware(RequestBodyGuard, max_bytes=settings.max_body_bytes, max_depth=settings.max_json_depth)
+    app.add_middleware(HttpMetrics, metrics=app.state.metrics)
     app.add_middleware(RequestIds)  # outermost, so even a refused body is logged with its id
     return app

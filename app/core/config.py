@@ -42,6 +42,7 @@ class Settings(BaseSettings):
     deadline_months: int = Field(default=1, gt=0)
 
     log_level: str = "INFO"
+    metrics_require_key: bool = False  # /metrics is open by Prometheus convention; true: a requests:read key
 
     @model_validator(mode="after")
     def _embedded_defaults(self) -> Settings:
