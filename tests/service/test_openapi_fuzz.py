@@ -49,3 +49,10 @@ def admin_key_row(database) -> None:
 @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, suppress_health_check=list(HealthCheck))
 def test_every_operation_answers_as_its_spec_documents(case, registered_model):
     case.call_and_validate()
+
+
+def test_method_not_allowed_names_every_method_the_path_serves(client):
+    response = client.request("PATCH", "/v1/forget-requests/e3e70682-c209-1cac-a29f-6fbed82c07cd")
+    assert response.status_code == 405
+    assert response.headers["Allow"] == "DELETE, GET, HEAD"
+    assert response.json()["error"]["code"] == "method_not_allowed"
