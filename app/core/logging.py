@@ -13,8 +13,9 @@ from typing import Any
 # The id of the HTTP request being handled, or of the request that sent the Celery task being run.
 request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
 
-# Attributes every LogRecord has; any other attribute came from `extra=` and becomes a field of its own.
-_RECORD_ATTRIBUTES = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+# Attributes every LogRecord has (and uvicorn's terminal-coloured copy of the message); any other attribute came
+# from `extra=` and becomes a field of its own.
+_RECORD_ATTRIBUTES = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName", "color_message"}
 
 
 class JsonFormatter(logging.Formatter):
