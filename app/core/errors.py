@@ -51,11 +51,6 @@ class PayloadTooLarge(DomainError):
     code = "payload_too_large"
 
 
-class UnsupportedMediaType(DomainError):
-    status_code = 415
-    code = "unsupported_media_type"
-
-
 class ServiceUnavailable(DomainError):
     status_code = 503
     code = "service_unavailable"

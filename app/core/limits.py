@@ -51,8 +51,9 @@ class RequestBodyGuard:
         )
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
-        declared = Headers(scope=scope).get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+        declared = Headers(scope=scope).get("content-length", "")
+        # More than 18 digits is too large whatever the limit, and never reaches int()'s digit limit.
+        if declared.isascii() and declared.isdigit() and (len(declared) > 18 or int(declared) > self.max_bytes):
             raise self._too_large()
         chunks, received = [], 0
         while True:
