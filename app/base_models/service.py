@@ -58,8 +58,9 @@ def _checked_paths(data: BaseModelCreate) -> tuple[Path, Path, Path, Path]:
 def register(session: Session, data: BaseModelCreate, actor: str) -> BaseModel:
     try:
         model_dir, tokenizer_dir, retain, holdout = _checked_paths(data)
-    except OSError as exc:  # e.g. a name longer than the filesystem allows, or an unreadable directory
-        raise InvalidInput(f"cannot read the given paths: {exc.strerror}", {"errno": exc.errno}) from None
+    except (OSError, ValueError) as exc:  # a NUL character, a name too long for the filesystem, an unreadable folder
+        reason = exc.strerror if isinstance(exc, OSError) else str(exc)  # str(OSError) would repeat the path
+        raise InvalidInput(f"cannot read the given paths: {reason}") from None
     if session.scalar(select(BaseModel.id).where(BaseModel.name == data.name)) is not None:
         raise Conflict(f"a model named '{data.name}' is already registered")
     model = BaseModel(
