@@ -8,7 +8,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.adapters.views import aliases as aliases_router
@@ -16,8 +16,12 @@ from app.adapters.views import router as adapters_router
 from app.base_models.views import router as models_router
 from app.core.config import get_settings
 from app.core.db import get_engine
-from app.core.errors import DomainError, error_body
-from app.core.limits import BodySizeLimit
+from app.core.errors import DomainError, error_body, error_responses
+from app.core.limits import RequestBodyGuard
+from app.core.metrics import HttpMetrics, Metrics
+from app.core.metrics import router as metrics_router
+from app.core.request_ids import RequestIds
+from app.core.routes import RouteTable
 from app.evidence.views import router as evidence_router
 from app.forget_requests.views import router as requests_router
 from app.jobs.views import router as jobs_router
@@ -27,6 +31,8 @@ from worker.celery_app import broker_reachable
 log = logging.getLogger(__name__)
 
 DB_RETRY_AFTER_SECONDS = "5"
+# Enough to fix a request by; a body of 100 000 bad items must not produce a 100 000-entry answer.
+MAX_VALIDATION_ERRORS = 20
 
 
 def _json_error(status: int, code: str, message: str, details=None, headers=None) -> JSONResponse:
@@ -35,7 +41,8 @@ def _json_error(status: int, code: str, message: str, details=None, headers=None
 
 def _validation_details(exc: RequestValidationError) -> list[dict]:
     # Never echo the submitted values: they may be the very text a person asked to have forgotten.
-    return [{"loc": list(e.get("loc", ())), "type": e.get("type"), "msg": e.get("msg")} for e in exc.errors()]
+    errors = exc.errors()[:MAX_VALIDATION_ERRORS]
+    return [{"loc": list(e.get("loc", ())), "type": e.get("type"), "msg": e.get("msg")} for e in errors]
 
 
 def add_error_handlers(app: FastAPI) -> None:
@@ -51,9 +58,20 @@ def add_error_handlers(app: FastAPI) -> None:
         return _json_error(422, "invalid_input", "the request does not match the schema", details)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return _json_error(exc.status_code, code, str(exc.detail), None, getattr(exc, "headers", None))
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # FastAPI answers 400 only for a body json.loads refuses beyond a syntax error (e.g. a 5000-digit number).
+        code = {400: "malformed_json", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405 and (known := request.app.state.routes.match(request.url.path)) is not None:
+            # Every method of the path: Starlette's own answer names only the first matching route's.
+            headers = {**(headers or {}), "Allow": ", ".join(sorted(known[1]))}
+        return _json_error(exc.status_code, code, str(exc.detail), None, headers)
+
+    @app.exception_handler(DataError)
+    async def unstorable_value(_: Request, exc: DataError) -> JSONResponse:
+        # The database refused a value the request carried (PostgreSQL text cannot hold NUL characters).
+        log.info("database refused a request value: %s", type(exc.orig).__name__)
+        return _json_error(422, "invalid_input", "the request contains a value the database cannot store")
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(DBAPIError)
@@ -82,7 +100,7 @@ def healthz() -> dict:
     return {"status": "ok"}
 
 
-@health.get("/readyz", responses={503: {"description": "The database or the broker is unreachable."}})
+@health.get("/readyz", responses={503: {**error_responses(503)[503], "description": "A dependency is unreachable."}})
 def readyz() -> JSONResponse:
     """The database and the broker both answer."""
     checks = {}
@@ -114,6 +132,11 @@ def create_app() -> FastAPI:
         v1.include_router(router)
     app.include_router(v1)
     app.include_router(health)
+    app.include_router(metrics_router)
+    app.state.metrics = Metrics()
+    app.state.routes = RouteTable(app)
     add_error_handlers(app)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestBodyGuard, max_bytes=settings.max_body_bytes, max_depth=settings.max_json_depth)
+    app.add_middleware(HttpMetrics, metrics=app.state.metrics)
+    app.add_middleware(RequestIds)  # outermost, so even a refused body is logged with its id
     return app

@@ -14,6 +14,7 @@ from kombu import Queue
 
 from app.core.config import Settings, get_settings
 from app.jobs.batching import parse_cron
+from worker import request_ids  # noqa: F401  (connects the signals that carry request ids into tasks)
 
 GPU_QUEUE = "gpu"
 DEFAULT_QUEUE = "default"

@@ -4,6 +4,7 @@ from datetime import datetime
 
 from pydantic import Field
 
+from app.core.db import MAX_INTEGER
 from app.core.schemas import Schema
 
 
@@ -22,7 +23,7 @@ class AdapterVersionDetail(AdapterVersionOut):
 
 
 class AliasUpdate(Schema):
-    version: int = Field(ge=1, description="An existing adapter version of this model.")
+    version: int = Field(ge=1, le=MAX_INTEGER, description="An existing adapter version of this model.")
 
 
 class AliasOut(Schema):

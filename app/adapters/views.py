@@ -1,32 +1,45 @@
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, Path
 from fastapi.responses import StreamingResponse
 
 from app.adapters import service
 from app.adapters.schemas import AdapterVersionDetail, AdapterVersionOut, AliasOut, AliasUpdate
 from app.adapters.store import MANIFEST, artifact_store
 from app.base_models.service import get_by_name
+from app.core.db import MAX_INTEGER
 from app.core.deps import AdminKey, ReaderKey, SessionDep, SettingsDep
+from app.core.errors import AUTHENTICATED, JSON_BODY, error_responses
 
-router = APIRouter(prefix="/models/{name}/adapters", tags=["adapters"])
-aliases = APIRouter(prefix="/models/{name}/aliases", tags=["adapters"])
+router = APIRouter(prefix="/models/{name}/adapters", tags=["adapters"], responses=AUTHENTICATED)
+aliases = APIRouter(prefix="/models/{name}/aliases", tags=["adapters"], responses=AUTHENTICATED)
+
+Version = Annotated[int, Path(ge=1, le=MAX_INTEGER)]
 
 
-@router.get("")
+@router.get("", responses=error_responses(404))
 def list_adapter_versions(name: str, key: ReaderKey, session: SessionDep) -> list[AdapterVersionOut]:
     return [service.to_out(v) for v in service.list_versions(session, get_by_name(session, name))]
 
 
-@router.get("/{version}")
-def get_adapter_version(name: str, version: int, key: ReaderKey, session: SessionDep) -> AdapterVersionDetail:
+@router.get("/{version}", responses=error_responses(404))
+def get_adapter_version(name: str, version: Version, key: ReaderKey, session: SessionDep) -> AdapterVersionDetail:
     """The version's manifest (every file with size and sha256) and its evaluation metrics."""
     return service.to_detail(service.get_version(session, get_by_name(session, name), version))
 
 
-@router.get("/{version}/files/{filename}", response_class=StreamingResponse)
+@router.get(
+    "/{version}/files/{filename}",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"application/octet-stream": {}}, "description": "The file's bytes."},
+        **error_responses(404),
+    },
+)
 def download_adapter_file(
-    name: str, version: int, filename: str, key: ReaderKey, session: SessionDep, settings: SettingsDep
+    name: str, version: Version, filename: str, key: ReaderKey, session: SessionDep, settings: SettingsDep
 ) -> StreamingResponse:
     """Stream one file of a published version; `X-Content-SHA256` lets the client verify it."""
     row = service.get_version(session, get_by_name(session, name), version)
@@ -37,7 +50,7 @@ def download_adapter_file(
     return StreamingResponse(chunks, media_type="application/octet-stream", headers=headers)
 
 
-@aliases.put("/current")
+@aliases.put("/current", responses={**JSON_BODY, **error_responses(404)})
 def move_current_alias(
     name: str, body: AliasUpdate, key: AdminKey, session: SessionDep, settings: SettingsDep
 ) -> AliasOut:

@@ -29,7 +29,7 @@ def weights_sha256(model_dir: Path) -> str:
 def _check_corpus(path: Path, field: str) -> None:
     if not path.is_file():
         raise InvalidInput(f"{field} is not a file", {"field": field, "path": str(path)})
-    with path.open() as f:
+    with path.open(errors="replace") as f:  # a binary file then fails as JSON, not as text
         first = f.readline()
     try:
         item = json.loads(first)
@@ -39,7 +39,8 @@ def _check_corpus(path: Path, field: str) -> None:
         raise InvalidInput(f"{field} must be JSONL of {{'text'}} or {{'prompt','completion'}} items", {"field": field})
 
 
-def register(session: Session, data: BaseModelCreate, actor: str) -> BaseModel:
+def _checked_paths(data: BaseModelCreate) -> tuple[Path, Path, Path, Path]:
+    """The model, tokenizer, retain and holdout paths, resolved, once each holds what a job will read."""
     model_dir = Path(data.path).resolve()
     tokenizer_dir = Path(data.tokenizer_path).resolve() if data.tokenizer_path else model_dir
     if not (model_dir / "config.json").is_file():
@@ -51,6 +52,15 @@ def register(session: Session, data: BaseModelCreate, actor: str) -> BaseModel:
     retain, holdout = Path(data.retain_corpus).resolve(), Path(data.holdout_corpus).resolve()
     _check_corpus(retain, "retain_corpus")
     _check_corpus(holdout, "holdout_corpus")
+    return model_dir, tokenizer_dir, retain, holdout
+
+
+def register(session: Session, data: BaseModelCreate, actor: str) -> BaseModel:
+    try:
+        model_dir, tokenizer_dir, retain, holdout = _checked_paths(data)
+    except (OSError, ValueError) as exc:  # a NUL character, a name too long for the filesystem, an unreadable folder
+        reason = exc.strerror if isinstance(exc, OSError) else str(exc)  # str(OSError) would repeat the path
+        raise InvalidInput(f"cannot read the given paths: {reason}") from None
     if session.scalar(select(BaseModel.id).where(BaseModel.name == data.name)) is not None:
         raise Conflict(f"a model named '{data.name}' is already registered")
     model = BaseModel(

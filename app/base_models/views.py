@@ -5,8 +5,9 @@ from fastapi import APIRouter, status
 from app.base_models import service
 from app.base_models.schemas import BaseModelCreate, BaseModelOut, BaseModelUpdate
 from app.core.deps import AdminKey, ReaderKey, SessionDep
+from app.core.errors import AUTHENTICATED, JSON_BODY, error_responses
 
-router = APIRouter(prefix="/models", tags=["models"])
+router = APIRouter(prefix="/models", tags=["models"], responses=AUTHENTICATED)
 
 
 @router.get("")
@@ -14,7 +15,7 @@ def list_models(key: ReaderKey, session: SessionDep) -> list[BaseModelOut]:
     return [BaseModelOut.model_validate(m) for m in service.list_models(session)]
 
 
-@router.post("", status_code=status.HTTP_201_CREATED)
+@router.post("", status_code=status.HTTP_201_CREATED, responses={**JSON_BODY, **error_responses(409)})
 def register_model(body: BaseModelCreate, key: AdminKey, session: SessionDep) -> BaseModelOut:
     """Register a Hugging Face causal LM from a local directory, with its retain and holdout corpora."""
     model = service.register(session, body, key.actor)

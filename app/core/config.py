@@ -31,6 +31,7 @@ class Settings(BaseSettings):
     max_items_per_request: int = Field(default=100, gt=0)
     max_chars_per_item: int = Field(default=8_000, gt=0)
     max_page_size: int = Field(default=200, gt=0)
+    max_json_depth: int = Field(default=32, gt=0)  # deeper bodies get 400 before they are parsed
 
     # Batching policy; a model's `batching` overrides the first three. A model's pending requests become a job when
     # their items reach batch_max_items, the oldest has waited batch_max_wait_seconds (or, for a model with a
@@ -90,6 +91,7 @@ class Settings(BaseSettings):
     callback_sweep_interval_seconds: float = Field(default=60.0, gt=0)  # re-sends due deliveries a lost message left
 
     log_level: str = "INFO"
+    metrics_require_key: bool = False  # /metrics is open by Prometheus convention; true: a requests:read key
 
     @field_validator("callback_allowed_networks")
     @classmethod

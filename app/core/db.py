@@ -36,6 +36,9 @@ class UTCDateTime(TypeDecorator):
         return value
 
 
+# The largest value an INTEGER column holds (ids, versions): bigger numbers in a request are refused up front.
+MAX_INTEGER = 2**31 - 1
+
 # 64-bit keys on PostgreSQL; SQLite only auto-increments a column declared exactly INTEGER.
 BigIntKey = BigInteger().with_variant(Integer(), "sqlite")
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from app.core.schemas import ErrorResponse
+
 
 class DomainError(Exception):
     status_code = 400
@@ -64,3 +66,28 @@ class ServiceUnavailable(DomainError):
 
 def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, "details": details}}
+
+
+# What each status means on this API; every one is answered with ErrorResponse.
+ERROR_DESCRIPTIONS: dict[int, str] = {
+    400: "The body is not valid JSON, not UTF-8, or nested deeper than the limit.",
+    401: "Missing, invalid or revoked API key.",
+    403: "The API key lacks the scope this operation needs.",
+    404: "No such resource.",
+    409: "The request conflicts with the resource's current state.",
+    413: "The body is larger than the limit.",
+    415: "The body is not `application/json`.",
+    422: "The request does not match the schema or exceeds a limit.",
+    429: "The API key is over its rate limit; retry after `Retry-After` seconds.",
+    503: "The database is unavailable; retry after `Retry-After` seconds.",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` entries documenting these statuses with the one error shape."""
+    return {status: {"model": ErrorResponse, "description": ERROR_DESCRIPTIONS[status]} for status in statuses}
+
+
+# Every route behind an API key, and every route that reads a JSON body.
+AUTHENTICATED = error_responses(401, 403, 422, 429, 503)
+JSON_BODY = error_responses(400, 413, 415)

@@ -1,59 +1,113 @@
-"""ASGI middleware that refuses request bodies over the configured size before they are read into memory."""
+"""ASGI middleware that refuses a request body before the app parses it: too large (413), not JSON (415), not
+UTF-8 or nested deeper than the limit (400). Each answer has the one error shape."""
 
 from __future__ import annotations
 
 import json
+import re
 
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.core.errors import error_body
 
+# A JSON string (skipped, so brackets inside text do not count) or a bracket.
+_STRING_OR_BRACKET = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
 
-class BodySizeLimit:
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+
+def json_depth(text: str) -> int:
+    """How deeply arrays and objects nest in `text`, counted without parsing it (so without recursion)."""
+    depth = deepest = 0
+    for match in _STRING_OR_BRACKET.finditer(text):
+        token = match.group()
+        if token in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif token in "]}":
+            depth -= 1
+    return deepest
+
+
+def is_json_media_type(content_type: str) -> bool:
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    return media_type == "application/json" or (media_type.startswith("application/") and media_type.endswith("+json"))
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, code: str, message: str, details: dict | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.details = status, code, message, details
+
+
+class RequestBodyGuard:
+    def __init__(self, app: ASGIApp, max_bytes: int, max_depth: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.max_depth = max_depth
 
-    async def _reject(self, send: Send) -> None:
-        body = json.dumps(
-            error_body("payload_too_large", f"request body exceeds {self.max_bytes} bytes", {"limit": self.max_bytes})
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
+    def _too_large(self) -> _Refused:
+        return _Refused(
+            413, "payload_too_large", f"request body exceeds {self.max_bytes} bytes", {"limit": self.max_bytes}
         )
-        await send({"type": "http.response.body", "body": body})
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
+        declared = Headers(scope=scope).get("content-length", "")
+        # More than 18 digits is too large whatever the limit, and never reaches int()'s digit limit.
+        if declared.isascii() and declared.isdigit() and (len(declared) > 18 or int(declared) > self.max_bytes):
+            raise self._too_large()
+        chunks, received = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return b""  # the client went away; the app sees an empty body and nothing is stored
+            chunk = message.get("body", b"")
+            received += len(chunk)
+            if received > self.max_bytes:
+                raise self._too_large()
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    def _check(self, scope: Scope, body: bytes) -> None:
+        content_type = Headers(scope=scope).get("content-type", "")
+        if not is_json_media_type(content_type):
+            expected = {"expected": "application/json"}
+            raise _Refused(415, "unsupported_media_type", "request bodies must be application/json", expected)
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            position = {"position": exc.start}
+            raise _Refused(400, "invalid_utf8", "the request body is not valid UTF-8", position) from None
+        if json_depth(text) > self.max_depth:
+            raise _Refused(
+                400, "json_too_deep", f"JSON nests deeper than {self.max_depth} levels", {"limit": self.max_depth}
+            )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._reject(send)
-            return
-        received = 0
-
-        async def counting_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise _BodyTooLarge
-            return message
-
         try:
-            await self.app(scope, counting_receive, send)
-        except _BodyTooLarge:
-            await self._reject(send)
+            body = await self._read_body(scope, receive)
+            if body:
+                self._check(scope, body)
+        except _Refused as refused:
+            await _send_error(send, refused)
+            return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
 
 
-class _BodyTooLarge(Exception):
-    pass
+async def _send_error(send: Send, refused: _Refused) -> None:
+    body = json.dumps(error_body(refused.code, refused.message, refused.details)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": refused.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

@@ -6,16 +6,21 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response, status
 
 from app.core.deps import ReaderKey, SessionDep, SettingsDep, WriterKey
+from app.core.errors import AUTHENTICATED, JSON_BODY, error_responses
 from app.forget_requests import service
 from app.forget_requests.schemas import ForgetRequestCreate, ForgetRequestOut, ForgetRequestPage
 
-router = APIRouter(prefix="/forget-requests", tags=["forget requests"])
+router = APIRouter(prefix="/forget-requests", tags=["forget requests"], responses=AUTHENTICATED)
 
 
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
-    responses={200: {"model": ForgetRequestOut, "description": "Replay of an earlier identical submission."}},
+    responses={
+        200: {"model": ForgetRequestOut, "description": "Replay of an earlier identical submission."},
+        **JSON_BODY,
+        **error_responses(404, 409),
+    },
 )
 def submit_forget_request(
     body: ForgetRequestCreate, key: WriterKey, session: SessionDep, settings: SettingsDep, response: Response
@@ -28,26 +33,26 @@ def submit_forget_request(
     return service.to_out(request)
 
 
-@router.get("/{request_id}")
+@router.get("/{request_id}", responses=error_responses(404))
 def get_forget_request(request_id: uuid.UUID, key: ReaderKey, session: SessionDep) -> ForgetRequestOut:
     return service.to_out(service.get(session, request_id, key))
 
 
-@router.get("")
+@router.get("", responses=error_responses(404))
 def list_forget_requests(
     key: ReaderKey,
     session: SessionDep,
     settings: SettingsDep,
     status: str | None = None,
     model: str | None = None,
-    cursor: str | None = None,
+    cursor: Annotated[str | None, Query(min_length=1, max_length=200)] = None,
     limit: Annotated[int, Query(ge=1)] = 50,
 ) -> ForgetRequestPage:
     page, next_cursor = service.list_requests(session, key, status, model, cursor, min(limit, settings.max_page_size))
     return ForgetRequestPage(items=[service.to_out(r) for r in page], next_cursor=next_cursor)
 
 
-@router.delete("/{request_id}", status_code=status.HTTP_202_ACCEPTED)
+@router.delete("/{request_id}", status_code=status.HTTP_202_ACCEPTED, responses=error_responses(404, 409))
 def cancel_forget_request(request_id: uuid.UUID, key: WriterKey, session: SessionDep) -> ForgetRequestOut:
     """Cancel a request that is still pending; a request already batched into a job answers 409."""
     request = service.cancel(session, service.get(session, request_id, key), key.actor)

@@ -5,6 +5,7 @@ from datetime import datetime
 
 from pydantic import Field
 
+from app.core.db import MAX_INTEGER
 from app.core.schemas import Schema
 
 
@@ -40,4 +41,6 @@ class BatchResult(Schema):
 
 
 class UnmergeCreate(Schema):
-    job_id: int = Field(description="The succeeded training job to take back out of the fused adapter.")
+    job_id: int = Field(
+        ge=1, le=MAX_INTEGER, description="The succeeded training job to take back out of the fused adapter."
+    )

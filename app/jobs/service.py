@@ -10,7 +10,7 @@ from app.audit.service import record
 from app.auth.models import ApiKey
 from app.base_models.models import BaseModel
 from app.core.config import Settings
-from app.core.db import utcnow
+from app.core.db import MAX_INTEGER, utcnow
 from app.core.errors import Conflict, InvalidInput, NotFound
 from app.forget_requests.models import ForgetRequest
 from app.forget_requests.service import can_see
@@ -116,7 +116,7 @@ def list_jobs(
     if model is not None:
         query = query.where(UnlearningJob.base_model_id == model.id)
     if cursor is not None:
-        if not cursor.isdigit():
+        if not cursor.isdigit() or int(cursor) > MAX_INTEGER:
             raise InvalidInput("invalid cursor", {"field": "cursor"})
         query = query.where(UnlearningJob.id < int(cursor))
     rows = list(session.scalars(query.order_by(UnlearningJob.id.desc()).limit(limit + 1)))

@@ -2,30 +2,32 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Path, Query
 
 from app.base_models.service import get_by_name
+from app.core.db import MAX_INTEGER
 from app.core.deps import AdminKey, ReaderKey, SessionDep, SettingsDep
+from app.core.errors import AUTHENTICATED, JSON_BODY, error_responses
 from app.jobs import service
 from app.jobs.schemas import BatchResult, JobOut, JobPage, UnmergeCreate
 
-router = APIRouter(tags=["jobs"])
+router = APIRouter(tags=["jobs"], responses=AUTHENTICATED)
 
 
-@router.get("/jobs/{job_id}")
-def get_job(job_id: int, key: ReaderKey, session: SessionDep) -> JobOut:
+@router.get("/jobs/{job_id}", responses=error_responses(404))
+def get_job(job_id: Annotated[int, Path(ge=1, le=MAX_INTEGER)], key: ReaderKey, session: SessionDep) -> JobOut:
     """A job with its progress (step, total, phase, latest metrics), for dashboards that poll."""
     return service.to_out(service.get(session, job_id, key), key)
 
 
-@router.get("/jobs")
+@router.get("/jobs", responses=error_responses(404))
 def list_jobs(
     key: ReaderKey,
     session: SessionDep,
     settings: SettingsDep,
     status: str | None = None,
     model: str | None = None,
-    cursor: str | None = None,
+    cursor: Annotated[str | None, Query(min_length=1, max_length=18, pattern=r"^[0-9]+$")] = None,
     limit: Annotated[int, Query(ge=1)] = 50,
 ) -> JobPage:
     base_model = get_by_name(session, model) if model else None
@@ -52,7 +54,7 @@ def batch_now(key: AdminKey, session: SessionDep, settings: SettingsDep, model: 
     return BatchResult(jobs=[service.to_out(j, key) for j in jobs])
 
 
-@router.post("/models/{name}/unmerge", status_code=202)
+@router.post("/models/{name}/unmerge", status_code=202, responses={**JSON_BODY, **error_responses(404, 409)})
 def unmerge_job(name: str, body: UnmergeCreate, key: AdminKey, session: SessionDep, settings: SettingsDep) -> JobOut:
     """Take one job back out of the model's fused adapter (e.g. a request forgotten by mistake), without retraining:
     a new version is published from the other jobs' statistics, and the job's requests become `cancelled`."""

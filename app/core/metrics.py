@@ -1,0 +1,225 @@
+"""Prometheus metrics: HTTP requests by route template and status (a middleware), and the service's state read from
+the database at scrape time: requests and jobs by model and status, job durations, queue depth, and the seconds left
+to each open request's legal due date, so an alert can fire before a deadline is missed. Labels hold model names,
+statuses and ids, never submitted text."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+from fastapi import APIRouter, Depends, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy import ColumnElement, case, func, select
+from sqlalchemy.orm import Session
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.auth.service import authenticate, require_scope
+from app.base_models.models import BaseModel
+from app.core.db import session_scope, utcnow
+from app.core.deps import SessionDep, SettingsDep, bearer
+from app.core.errors import error_responses
+from app.forget_requests.models import ForgetRequest, RequestStatus
+from app.jobs.models import JobStatus, UnlearningJob
+from worker.celery_app import DEFAULT_QUEUE, GPU_QUEUE, celery_app
+
+# Requests whose due date still matters: not yet completed, failed or cancelled.
+OPEN_STATUSES = (RequestStatus.pending, RequestStatus.batched, RequestStatus.running)
+FINISHED_JOB_STATUSES = (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
+JOB_DURATION_BUCKETS = (60.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 21600.0, 86400.0)
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+BROKER_TIMEOUT_SECONDS = 2.0
+
+
+def _job_seconds(session: Session) -> ColumnElement[float]:
+    started, finished = UnlearningJob.started_at, UnlearningJob.finished_at
+    if session.get_bind().dialect.name == "sqlite":
+        return (func.julianday(finished) - func.julianday(started)) * 86400.0
+    return func.extract("epoch", finished - started)
+
+
+def broker_queue_lengths() -> dict[str, int] | None:
+    """Messages waiting in each queue of the broker, or None when it cannot be reached."""
+    try:
+        with celery_app.connection_for_read() as connection:
+            connection.ensure_connection(max_retries=1, timeout=BROKER_TIMEOUT_SECONDS)
+            channel = connection.default_channel
+            return {queue: channel.queue_declare(queue).message_count for queue in (GPU_QUEUE, DEFAULT_QUEUE)}
+    except Exception:  # any failure to reach it reads as "broker down", not as a failed scrape
+        return None
+
+
+class ServiceState(Collector):
+    """Reads counts and due dates from the database on every scrape, so every API process reports the same."""
+
+    def collect(self) -> Iterator[Metric]:
+        with session_scope() as session:
+            yield self._requests(session)
+            yield from self._jobs(session)
+            yield from self._due_dates(session)
+        yield from self._broker()
+
+    def _requests(self, session: Session) -> Metric:
+        family = GaugeMetricFamily(
+            "unlearnd_forget_requests", "Forget requests by model and status.", labels=["model", "status"]
+        )
+        query = (
+            select(BaseModel.name, ForgetRequest.status, func.count())
+            .join(BaseModel, ForgetRequest.base_model_id == BaseModel.id)
+            .group_by(BaseModel.name, ForgetRequest.status)
+        )
+        for model, status, count in session.execute(query):
+            family.add_metric([model, status], count)
+        return family
+
+    def _jobs(self, session: Session) -> Iterator[Metric]:
+        jobs = GaugeMetricFamily("unlearnd_jobs", "Unlearning jobs by model and status.", labels=["model", "status"])
+        queued = GaugeMetricFamily(
+            "unlearnd_queue_depth", "Jobs queued in the database, waiting for a worker, by model.", labels=["model"]
+        )
+        by_status = (
+            select(BaseModel.name, UnlearningJob.status, func.count())
+            .join(BaseModel, UnlearningJob.base_model_id == BaseModel.id)
+            .group_by(BaseModel.name, UnlearningJob.status)
+        )
+        for model, status, count in session.execute(by_status):
+            jobs.add_metric([model, status], count)
+            if status == JobStatus.queued:
+                queued.add_metric([model], count)
+        yield jobs
+        yield queued
+        yield self._durations(session)
+
+    def _durations(self, session: Session) -> Metric:
+        family = HistogramMetricFamily(
+            "unlearnd_job_duration_seconds",
+            "Wall time of finished jobs, from start to finish, by model and final status.",
+            labels=["model", "status"],
+        )
+        seconds = _job_seconds(session)
+        buckets = [func.sum(case((seconds <= bound, 1), else_=0)) for bound in JOB_DURATION_BUCKETS]
+        query = (
+            select(BaseModel.name, UnlearningJob.status, func.count(), func.sum(seconds), *buckets)
+            .join(BaseModel, UnlearningJob.base_model_id == BaseModel.id)
+            .where(
+                UnlearningJob.status.in_(FINISHED_JOB_STATUSES),
+                UnlearningJob.started_at.is_not(None),
+                UnlearningJob.finished_at.is_not(None),
+            )
+            .group_by(BaseModel.name, UnlearningJob.status)
+        )
+        for model, status, count, total, *cumulative in session.execute(query):
+            counts = [(str(bound), int(n)) for bound, n in zip(JOB_DURATION_BUCKETS, cumulative, strict=True)]
+            family.add_metric([model, status], buckets=[*counts, ("+Inf", count)], sum_value=float(total))
+        return family
+
+    def _due_dates(self, session: Session) -> Iterator[Metric]:
+        each = GaugeMetricFamily(
+            "unlearnd_request_seconds_until_due",
+            "Seconds until an open (pending, batched or running) request's legal due date; negative once overdue.",
+            labels=["request_id", "model", "status"],
+        )
+        soonest = GaugeMetricFamily(
+            "unlearnd_min_seconds_until_due",
+            "Seconds until the earliest due date among a model's open requests; negative once one is overdue.",
+            labels=["model"],
+        )
+        now = utcnow()
+        per_model: dict[str, float] = {}
+        query = (
+            select(ForgetRequest.id, BaseModel.name, ForgetRequest.status, ForgetRequest.due_at)
+            .join(BaseModel, ForgetRequest.base_model_id == BaseModel.id)
+            .where(ForgetRequest.status.in_(OPEN_STATUSES))
+        )
+        for request_id, model, status, due_at in session.execute(query):
+            left = (due_at - now).total_seconds()
+            each.add_metric([str(request_id), model, status], left)
+            per_model[model] = min(left, per_model.get(model, left))
+        for model, left in per_model.items():
+            soonest.add_metric([model], left)
+        yield each
+        yield soonest
+
+    def _broker(self) -> Iterator[Metric]:
+        lengths = broker_queue_lengths()
+        yield GaugeMetricFamily("unlearnd_broker_up", "1 if the broker answered the scrape.", value=lengths is not None)
+        messages = GaugeMetricFamily(
+            "unlearnd_broker_queue_messages", "Task messages waiting in a broker queue.", labels=["queue"]
+        )
+        for queue, length in (lengths or {}).items():
+            messages.add_metric([queue], length)
+        yield messages
+
+
+class Metrics:
+    """One app's registry: the HTTP instruments, fed by HttpMetrics, and the database-backed ServiceState."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "unlearnd_http_requests",
+            "HTTP requests answered, by method, route template and status.",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "unlearnd_http_request_duration_seconds",
+            "Time to answer an HTTP request, by method and route template.",
+            ["method", "route"],
+            registry=self.registry,
+        )
+        self.registry.register(ServiceState())
+
+
+class HttpMetrics:
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started, status = time.perf_counter(), 500
+
+        async def observe(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observe)
+        finally:
+            method = scope["method"] if scope["method"] in HTTP_METHODS else "other"
+            # The template, never the raw path, which would make a label per id.
+            known = scope["app"].state.routes.match(scope["path"])
+            route = known[0] if known else "unmatched"
+            self.metrics.requests.labels(method, route, str(status)).inc()
+            self.metrics.latency.labels(method, route).observe(time.perf_counter() - started)
+
+
+async def scraper_allowed(request: Request, session: SessionDep, settings: SettingsDep) -> None:
+    """Open by Prometheus convention; with UNLEARND_METRICS_REQUIRE_KEY, a key with `requests:read` is needed."""
+    if settings.metrics_require_key:
+        credentials = await bearer(request)
+        require_scope(authenticate(session, credentials.credentials if credentials else None), "requests:read")
+
+
+router = APIRouter(tags=["health"])
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    dependencies=[Depends(scraper_allowed)],
+    responses={
+        200: {"content": {"text/plain": {}}, "description": "Prometheus text exposition format."},
+        **error_responses(401, 403, 503),
+    },
+)
+def metrics(request: Request) -> Response:
+    """Prometheus metrics. 401/403 only when `UNLEARND_METRICS_REQUIRE_KEY` is set."""
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
