@@ -18,7 +18,7 @@ import pytest
 import redis
 from sqlalchemy.engine import make_url
 
-from tests.service.processes import free_port, start, start_worker, stop, wait_until
+from tests.service.processes import start_api, start_worker, stop
 
 ADMIN_URL = os.environ.get("UNLEARND_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("UNLEARND_TEST_REDIS_URL", "redis://127.0.0.1:6379/11")
@@ -153,17 +153,7 @@ WORKER_LOG = DATA_DIR / "worker-e2e.log"
 @pytest.fixture(scope="module")
 def live_api(database):
     """The API under uvicorn in a subprocess, logging to API_LOG; yields its base URL."""
-    port = free_port()
-    process = start(["serve", "--port", str(port)], API_LOG)
-    base = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        try:
-            return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_until(healthy, 60, "the API")
+    process, base = start_api(API_LOG)
     yield base
     stop(process)
 

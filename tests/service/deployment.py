@@ -14,11 +14,10 @@ import tempfile
 import uuid
 from pathlib import Path
 
-import httpx
 import psycopg
 from sqlalchemy.engine import make_url
 
-from tests.service.processes import ROOT, free_port, start, stop, wait_until
+from tests.service.processes import ROOT, free_port, start, start_api, stop, wait_until
 
 
 class Deployment:
@@ -59,17 +58,7 @@ class Deployment:
         return process
 
     def start_api(self) -> str:
-        port = free_port()
-        self.start("api", "serve", "--port", str(port))
-        self.api = f"http://127.0.0.1:{port}"
-
-        def healthy() -> bool:
-            try:
-                return httpx.get(f"{self.api}/healthz", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(healthy, 60, "the API")
+        self.processes["api"], self.api = start_api(self.log("api"), self.env)
         return self.api
 
     def start_worker(self, name: str, queues: str = "gpu,default") -> subprocess.Popen:

@@ -55,6 +55,22 @@ def stop(process: subprocess.Popen, timeout: float = 30) -> None:
             process.wait()
 
 
+def start_api(log: Path, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """`unlearnd serve` on a free port, once it answers /healthz; returns the process and its base URL."""
+    port = free_port()
+    process = start(["serve", "--port", str(port)], log, env)
+    base = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        try:
+            return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(healthy, 60, "the API")
+    return process, base
+
+
 def start_worker(log: Path, name: str) -> subprocess.Popen:
     process = start(["worker", "--hostname", f"{name}@%h"], log)
     wait_until(lambda: b"ready." in log.read_bytes() or process.poll() is not None, 90, "the Celery worker")

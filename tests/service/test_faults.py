@@ -52,7 +52,10 @@ def deployment(tmp_path: Path) -> Iterator[Deployment]:
     drop_database(ADMIN_URL, database)
 
 
-def client(deployment: Deployment, key: str) -> httpx.Client:
+def serve(deployment: Deployment) -> httpx.Client:
+    """Start the deployment's API; a client for it with an admin key."""
+    key = deployment.admin_key()
+    deployment.start_api()
     return httpx.Client(base_url=deployment.api, headers=auth(key), timeout=30)
 
 
@@ -92,11 +95,9 @@ def register_corrupt(api: httpx.Client, demo, model_dir: Path) -> str:
 
 
 def test_stopped_and_killed_workers_hand_their_job_on_and_it_is_published_once(deployment, tiny_demo_model):
-    key = deployment.admin_key()
-    deployment.start_api()
+    api = serve(deployment)
     deployment.start_beat("beat")
     deployment.start_worker("first")
-    api = client(deployment, key)
     name = register_demo_model(api, tiny_demo_model)
     requests = [submit(api, name, [item]) for item in candidates(tiny_demo_model)[:2]]
     job_id = batch_now(api, name)
@@ -135,11 +136,9 @@ def test_stopped_and_killed_workers_hand_their_job_on_and_it_is_published_once(d
 
 
 def test_intake_goes_on_while_the_broker_is_down_and_reconciliation_sends_the_jobs(deployment, tiny_demo_model):
-    key = deployment.admin_key()
-    deployment.start_api()
+    api = serve(deployment)
     deployment.start_beat("beat")
     deployment.start_worker("worker")
-    api = client(deployment, key)
     name = register_demo_model(api, tiny_demo_model)
 
     deployment.redis.stop()
@@ -166,10 +165,8 @@ def test_the_api_and_the_worker_ride_out_a_postgres_restart(tmp_path, tiny_demo_
         redis.start()
         deployment = Deployment(tmp_path, postgres.url, redis.url, **FAST | {"job_max_attempts": 1})
         deployment.cli("migrate")
-        key = deployment.admin_key()
-        deployment.start_api()
+        api = serve(deployment)
         deployment.start_worker("worker")
-        api = client(deployment, key)
         name = register_demo_model(api, tiny_demo_model)
         request_id = submit(api, name, candidates(tiny_demo_model)[:1])
 
@@ -201,11 +198,9 @@ def test_the_api_and_the_worker_ride_out_a_postgres_restart(tmp_path, tiny_demo_
 
 def test_a_job_that_raises_fails_with_its_error_and_the_worker_serves_the_next(deployment, tiny_demo_model, tmp_path):
     deployment.env.update(UNLEARND_JOB_MAX_ATTEMPTS="2", UNLEARND_MAX_REQUEST_ATTEMPTS="2")
-    key = deployment.admin_key()
-    deployment.start_api()
+    api = serve(deployment)
     deployment.start_beat("beat")  # reconciliation sends the retried attempt
     worker = deployment.start_worker("worker")
-    api = client(deployment, key)
     broken = register_corrupt(api, tiny_demo_model, corrupt_copy(tiny_demo_model, tmp_path))
     request_id = submit(api, broken, candidates(tiny_demo_model)[:1])
 
@@ -230,12 +225,10 @@ def test_a_job_that_raises_fails_with_its_error_and_the_worker_serves_the_next(d
 def test_two_schedulers_at_once_never_put_a_request_in_two_jobs(deployment, tiny_demo_model):
     # every pending request triggers a job at once; beats fire often; two workers run the batchers concurrently
     deployment.env.update(UNLEARND_BATCH_MAX_ITEMS="1", UNLEARND_BATCH_INTERVAL_SECONDS="0.2")
-    key = deployment.admin_key()
-    deployment.start_api()
+    api = serve(deployment)
     for name in ("one", "two"):
         deployment.start_worker(f"batcher-{name}", queues="default")
         deployment.start_beat(f"beat-{name}")
-    api = client(deployment, key)
     models = [register_demo_model(api, tiny_demo_model) for _ in range(4)]
     rng = random.Random(0)
     deadline, submitted = time.monotonic() + 15, 0
