@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from app.core.config import get_settings
-from app.core.logging import configure_logging, logging_config
+from app.core.logging import logging_config
 
 cli = typer.Typer(
     help="unlearnd: make a language model forget data on request.", no_args_is_help=True, pretty_exceptions_enable=False
@@ -64,7 +64,6 @@ def worker(
     """Run a Celery worker. One process per GPU: the solo pool never forks after CUDA is initialised."""
     from worker.celery_app import celery_app
 
-    configure_logging(get_settings().log_level)
     argv = ["worker", "--pool", "solo", "--queues", queues, "--loglevel", get_settings().log_level]
     if hostname:
         argv += ["--hostname", hostname]
@@ -77,7 +76,6 @@ def beat() -> None:
     from worker.celery_app import celery_app
 
     settings = get_settings()
-    configure_logging(settings.log_level)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     celery_app.start(["beat", "--loglevel", settings.log_level, "--schedule", str(settings.beat_schedule_file)])
 

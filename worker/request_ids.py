@@ -8,7 +8,7 @@ import logging
 from celery import Task
 from celery.signals import before_task_publish, setup_logging, task_postrun, task_prerun
 
-from app.core.logging import request_id
+from app.core.logging import configure_logging, request_id
 
 HEADER = "unlearnd_request_id"
 
@@ -33,5 +33,8 @@ def _drop_request_id(**_: object) -> None:
 
 
 @setup_logging.connect
-def _keep_unlearnd_logging(**_: object) -> None:
-    """app.core.logging has configured the process; a receiver here stops Celery installing its own handlers."""
+def _json_logging(loglevel: int | str | None = None, **_: object) -> None:
+    """Workers and beat log JSON however they are started (`unlearnd worker` or `celery worker`); connecting here
+    also stops Celery installing its own handlers."""
+    level = logging.getLevelName(loglevel) if isinstance(loglevel, int) else loglevel or "INFO"
+    configure_logging(level)

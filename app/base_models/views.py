@@ -23,7 +23,7 @@ def register_model(body: BaseModelCreate, key: AdminKey, session: SessionDep) ->
     return BaseModelOut.model_validate(model)
 
 
-@router.patch("/{name}")
+@router.patch("/{name}", responses={**JSON_BODY, **error_responses(404)})
 def update_model(name: str, body: BaseModelUpdate, key: AdminKey, session: SessionDep) -> BaseModelOut:
     """Change a model's batching policy overrides, e.g. `{"batching": {"schedule": "0 2 * * *"}}` for nightly jobs."""
     model = service.update_batching(session, service.get_by_name(session, name), body, key.actor)

@@ -5,6 +5,7 @@ import uuid
 from fastapi import APIRouter
 
 from app.core.deps import ReaderKey, SessionDep, SettingsDep
+from app.core.errors import AUTHENTICATED, error_responses
 from app.evidence import service
 from app.evidence.schemas import SignedCertificate, SigningKeyOut
 from app.forget_requests.service import get as get_request
@@ -12,7 +13,7 @@ from app.forget_requests.service import get as get_request
 router = APIRouter(tags=["evidence"])
 
 
-@router.get("/forget-requests/{request_id}/certificate", responses={409: {"description": "Not completed."}})
+@router.get("/forget-requests/{request_id}/certificate", responses={**AUTHENTICATED, **error_responses(404, 409)})
 def get_forget_certificate(
     request_id: uuid.UUID, key: ReaderKey, session: SessionDep, settings: SettingsDep
 ) -> SignedCertificate:

@@ -35,8 +35,8 @@ def list_jobs(
     return JobPage(items=[service.to_out(j, key) for j in page], next_cursor=next_cursor)
 
 
-@router.post("/jobs/{job_id}/cancel", status_code=202)
-def cancel_job(job_id: int, key: AdminKey, session: SessionDep) -> JobOut:
+@router.post("/jobs/{job_id}/cancel", status_code=202, responses=error_responses(404, 409))
+def cancel_job(job_id: Annotated[int, Path(ge=1, le=MAX_INTEGER)], key: AdminKey, session: SessionDep) -> JobOut:
     """Cancel a job: a queued one at once, a running one at its next training step (`cancel_requested_at` is set
     until then). Its requests go back to pending. A job already publishing answers 409."""
     job = service.request_cancel(session, service.get(session, job_id, key), key.actor)
@@ -44,7 +44,7 @@ def cancel_job(job_id: int, key: AdminKey, session: SessionDep) -> JobOut:
     return service.to_out(job, key)
 
 
-@router.post("/admin/batches", status_code=201)
+@router.post("/admin/batches", status_code=201, responses=error_responses(404))
 def batch_now(key: AdminKey, session: SessionDep, settings: SettingsDep, model: str | None = None) -> BatchResult:
     """Batch pending requests into jobs now, whatever the batching thresholds: one job per model (up to its
     max_items), or only for `model`, except for a model that already has an unfinished job (its jobs run one at a

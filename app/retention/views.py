@@ -5,6 +5,7 @@ import uuid
 from fastapi import APIRouter
 
 from app.core.deps import AdminKey, SessionDep, SettingsDep
+from app.core.errors import AUTHENTICATED, error_responses
 from app.forget_requests.schemas import ForgetRequestOut
 from app.forget_requests.service import get as get_request
 from app.forget_requests.service import to_out
@@ -13,7 +14,7 @@ from app.retention import service
 router = APIRouter(tags=["retention"])
 
 
-@router.post("/forget-requests/{request_id}/shred", responses={409: {"description": "Not finished yet."}})
+@router.post("/forget-requests/{request_id}/shred", responses={**AUTHENTICATED, **error_responses(404, 409)})
 def shred_forget_request(
     request_id: uuid.UUID, key: AdminKey, session: SessionDep, settings: SettingsDep
 ) -> ForgetRequestOut:

@@ -71,8 +71,8 @@ def start_api(log: Path, env: dict[str, str] | None = None) -> tuple[subprocess.
     return process, base
 
 
-def start_worker(log: Path, name: str) -> subprocess.Popen:
-    process = start(["worker", "--hostname", f"{name}@%h"], log)
+def start_worker(log: Path, name: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    process = start(["worker", "--hostname", f"{name}@%h"], log, env)
     wait_until(lambda: b"ready." in log.read_bytes() or process.poll() is not None, 90, "the Celery worker")
     if process.poll() is not None:
         raise RuntimeError(f"worker exited early:\n{log.read_text()[-3000:]}")

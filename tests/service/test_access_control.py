@@ -15,8 +15,9 @@ from sqlalchemy import select
 
 from tests.service.conftest import REDIS_URL, auth, make_key
 
-# health checks, and the public key that verifies certificates offline
-PUBLIC = {("get", "/healthz"), ("get", "/readyz"), ("get", "/v1/keys/certificate-signing")}
+# health checks, Prometheus metrics (open unless UNLEARND_METRICS_REQUIRE_KEY) and the public key that verifies
+# certificates offline
+PUBLIC = {("get", "/healthz"), ("get", "/readyz"), ("get", "/metrics"), ("get", "/v1/keys/certificate-signing")}
 OTHER_SCOPES = {
     "requests:read": ["requests:write"],
     "requests:write": ["requests:read"],
