@@ -6,6 +6,7 @@ import base64
 import contextlib
 import json
 import time
+from collections.abc import Iterable
 
 import redis
 from celery import Celery
@@ -95,8 +96,17 @@ def refuse_pools_that_fork_after_cuda(sender, **_: object) -> None:
         )
 
 
-def enqueue_job(job_id: int) -> None:
-    celery_app.send_task(RUN_JOB, args=[job_id], queue=GPU_QUEUE)
+def send_now(task: str, ids: Iterable[int], queue: str) -> None:
+    """One message per id, failing fast when the broker is down (no reconnect loop, no publish retries): the caller
+    may be an API request, and the database rows these ids name are re-sent by the scheduler's sweeps."""
+    options = {**celery_app.conf.broker_transport_options, "max_retries": 0}
+    with celery_app.connection_for_write(transport_options=options) as connection:
+        for item_id in ids:
+            celery_app.send_task(task, args=[item_id], queue=queue, retry=False, connection=connection)
+
+
+def enqueue_jobs(job_ids: Iterable[int]) -> None:
+    send_now(RUN_JOB, job_ids, GPU_QUEUE)
 
 
 def _job_id(message: dict) -> int | None:
@@ -131,15 +141,8 @@ def broker_job_ids(settings: Settings, held_within_seconds: float) -> set[int] |
     return {job_id for message in messages if (job_id := _job_id(message)) is not None}
 
 
-def enqueue_callbacks(delivery_ids: list[int]) -> None:
-    # Fail fast when the broker is down (no reconnect loop, no publish retries): the caller may be an API request,
-    # and the beat sweep re-sends whatever could not be sent.
-    options = {**celery_app.conf.broker_transport_options, "max_retries": 0}
-    with celery_app.connection_for_write(transport_options=options) as connection:
-        for delivery_id in delivery_ids:
-            celery_app.send_task(
-                DELIVER_CALLBACK, args=[delivery_id], queue=DEFAULT_QUEUE, retry=False, connection=connection
-            )
+def enqueue_callbacks(delivery_ids: Iterable[int]) -> None:
+    send_now(DELIVER_CALLBACK, delivery_ids, DEFAULT_QUEUE)
 
 
 def broker_reachable(timeout: float = 2.0) -> bool:

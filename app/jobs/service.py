@@ -18,24 +18,23 @@ from app.jobs.batching import batch_pending, job_config
 from app.jobs.lifecycle import cancel
 from app.jobs.models import UNMERGE, JobStatus, UnlearningJob, job_key
 from app.jobs.schemas import JobOut
-from worker.celery_app import enqueue_job
+from worker.celery_app import enqueue_jobs
 
 log = logging.getLogger(__name__)
 
 
 def enqueue(session: Session, job_ids: list[int]) -> None:
     """Tell the broker to look at these jobs, after their rows are committed. The database is the source of truth:
-    a job whose message could not be sent stays queued with no `enqueued_at`, and reconciliation sends it."""
-    sent = []
-    for job_id in job_ids:
-        try:
-            enqueue_job(job_id)
-            sent.append(job_id)
-        except Exception as exc:  # broker down: reconciliation sends the job when it is back
-            log.warning("could not enqueue job %s (%s); it stays queued in the database", job_id, type(exc).__name__)
-    if sent:
-        session.execute(update(UnlearningJob).where(UnlearningJob.id.in_(sent)).values(enqueued_at=utcnow()))
-        session.commit()
+    jobs whose messages could not be sent stay queued with no `enqueued_at`, and reconciliation sends them."""
+    if not job_ids:
+        return
+    try:
+        enqueue_jobs(job_ids)
+    except Exception as exc:  # broker down: reconciliation sends the jobs when it is back
+        log.warning("could not enqueue jobs %s (%s); they stay queued in the database", job_ids, type(exc).__name__)
+        return
+    session.execute(update(UnlearningJob).where(UnlearningJob.id.in_(job_ids)).values(enqueued_at=utcnow()))
+    session.commit()
 
 
 def run_batcher(
