@@ -98,7 +98,8 @@ def test_stopped_and_killed_workers_hand_their_job_on_and_it_is_published_once(d
     api = serve(deployment)
     deployment.start_beat("beat")
     deployment.start_worker("first")
-    name = register_demo_model(api, tiny_demo_model)
+    # half the default learning rate: more steps to the target, so each worker gets past a checkpoint before it
+    name = register_demo_model(api, tiny_demo_model, engine_config={"learning_rate": 5e-4})
     requests = [submit(api, name, [item]) for item in candidates(tiny_demo_model)[:2]]
     job_id = batch_now(api, name)
     checkpoint = deployment.root / "data" / "artifacts" / "_scratch" / f"job-{job_id}" / "checkpoint.pt"
@@ -106,23 +107,25 @@ def test_stopped_and_killed_workers_hand_their_job_on_and_it_is_published_once(d
     def job() -> dict:
         return api.get(f"/v1/jobs/{job_id}").json()
 
-    def training_past(step: int, attempts: int) -> bool:
-        current = job()
-        return checkpoint.exists() and current["attempts"] == attempts and current["progress"].get("step", 0) >= step
+    def checkpointed_since(previous: int | None) -> bool:
+        """A checkpoint newer than `previous` (its file's mtime) is in the scratch area; each is a new file."""
+        return checkpoint.exists() and checkpoint.stat().st_mtime_ns != previous
 
     # SIGTERM: the worker checkpoints the job, puts it back in the queue without using an attempt, and exits
-    wait_until(lambda: training_past(2, attempts=1), 300, "training past a checkpoint", interval=0.1)
+    wait_until(lambda: checkpointed_since(None) and job()["attempts"] == 1, 300, "a first checkpoint", interval=0.1)
     first = deployment.processes["first"]
     deployment.stop("first")
     assert first.returncode == 0
     stopped = job()
     assert (stopped["status"], stopped["attempts"]) == ("queued", 0)
+    stopped_at = checkpoint.stat().st_mtime_ns
 
-    # SIGKILL: the next worker resumes from that checkpoint and dies; its heartbeat stops and the job is recovered
+    # SIGKILL: the next worker resumes from that checkpoint and dies after saving one of its own; its heartbeat stops
+    # and the job is recovered
     deployment.start_worker("second")
     wait_until(lambda: job()["progress"].get("resumed_from_step", 0) >= 2, 120, "the resumed attempt", interval=0.1)
     resumed_from = job()["progress"]["resumed_from_step"]
-    wait_until(lambda: training_past(resumed_from + 2, attempts=1), 300, "a later checkpoint", interval=0.1)
+    wait_until(lambda: checkpointed_since(stopped_at), 300, "the second worker's checkpoint", interval=0.1)
     deployment.kill("second")
     deployment.start_worker("third")
 
