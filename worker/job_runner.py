@@ -40,7 +40,7 @@ from app.forget_requests.items import open_items
 from app.forget_requests.models import RequestStatus
 from app.jobs import lifecycle
 from app.jobs.lifecycle import ACTIVE, FINAL, transition
-from app.jobs.models import UNMERGE, JobStatus, UnlearningJob, job_id_of, job_key
+from app.jobs.models import UNMERGE, JobStatus, UnlearningJob, job_id_of, job_key, job_scratch
 from worker.engine import (
     FUSION_STATE_FILE,
     FusedVersion,
@@ -164,8 +164,7 @@ def start(session: Session, job: UnlearningJob, settings: Settings) -> JobInputs
     job.started_at = job.heartbeat_at = utcnow()
     job.not_before = None
     job.progress = {"phase": "loading", "step": 0, "total": job.config.get("max_steps")}
-    # An unmerge job links the removed job's requests but forgets nothing itself.
-    forgetting = [] if job.method == UNMERGE else job.requests
+    forgetting = lifecycle.forgotten_requests(job)
     for request in forgetting:
         request.status = RequestStatus.running
     model = job.base_model
@@ -391,7 +390,7 @@ def withdraw_requests(session: Session, removed_job_id: int, unmerge_job_id: int
 
 
 def checkpoint_key(job_id: int) -> str:
-    return f"{job_key(job_id)}/{CHECKPOINT}"
+    return f"{job_scratch(job_id)}{CHECKPOINT}"
 
 
 def load_checkpoint(store: ArtifactStore, job_id: int) -> Checkpoint | None:
@@ -523,16 +522,14 @@ def conclude(inputs: JobInputs, settings: Settings, outcome: str, error: str = "
             lifecycle.cancel(session, job, ACTOR, reason="cancelled by an admin")
         elif outcome == "shutdown":
             job.attempts -= 1  # a worker that stops cleanly used up no attempt: the job resumes from its checkpoint
-            transition(session, job, JobStatus.queued, ACTOR, reason="worker shutting down")
-            for request in [] if job.method == UNMERGE else job.requests:
-                request.status = RequestStatus.batched
+            lifecycle.requeue(session, job, ACTOR, reason="worker shutting down")
         else:
             lifecycle.retry_or_fail(session, job, error, settings, ACTOR)
         session.commit()
         finished = job.status in FINAL
     store = artifact_store(settings)
     if finished or outcome == "error":
-        store.scratch_delete(f"{job_key(inputs.job_id)}/")  # a failed attempt's checkpoint may be what failed
+        store.scratch_delete(job_scratch(inputs.job_id))  # a failed attempt's checkpoint may be what failed
 
 
 def run_job(job_id: int, settings: Settings) -> None:
@@ -556,4 +553,4 @@ def run_job(job_id: int, settings: Settings) -> None:
             log.exception("job %s failed", job_id)
             conclude(inputs, settings, "error", f"{type(exc).__name__}: {exc}")
             return
-    artifact_store(settings).scratch_delete(f"{job_key(inputs.job_id)}/")
+    artifact_store(settings).scratch_delete(job_scratch(inputs.job_id))

@@ -23,6 +23,11 @@ from worker.celery_app import (
 )
 
 
+def scheduler(task: Task) -> str:
+    """The audit actor of a scheduled task: the worker node that ran it, so concurrent schedulers are told apart."""
+    return f"scheduler:{task.request.hostname}"
+
+
 @celery_app.task(name=RUN_JOB)
 def run_job(job_id: int) -> None:
     # torch is imported here, in the worker only, never by the API process.
@@ -32,24 +37,23 @@ def run_job(job_id: int) -> None:
 
 
 @celery_app.task(name=BATCH_PENDING, bind=True)
-def batch_pending(self) -> list[int]:
+def batch_pending(self: Task) -> list[int]:
     with session_scope() as session:
-        jobs = run_batcher(session, get_settings(), actor=f"scheduler:{self.request.hostname}")
+        jobs = run_batcher(session, get_settings(), actor=scheduler(self))
         return [job.id for job in jobs]
 
 
 @celery_app.task(name=RECONCILE, bind=True)
-def reconcile_jobs(self) -> dict:
+def reconcile_jobs(self: Task) -> dict:
     with session_scope() as session:
-        return vars(reconcile(session, get_settings(), actor=f"scheduler:{self.request.hostname}"))
+        return vars(reconcile(session, get_settings(), actor=scheduler(self)))
 
 
 @celery_app.task(name=SHRED_DUE, bind=True)
-def shred_due_requests(self) -> list[str]:
+def shred_due_requests(self: Task) -> list[str]:
     """Crypto-shred every request whose retention window is over (runs on the default queue)."""
     with session_scope() as session:
-        actor = f"scheduler:{self.request.hostname}"
-        return [str(request_id) for request_id in shred_due(session, get_settings(), actor=actor)]
+        return [str(request_id) for request_id in shred_due(session, get_settings(), actor=scheduler(self))]
 
 
 # The row counts attempts and gives up after callback_max_attempts, so Celery's own retry count is unbounded.

@@ -67,15 +67,17 @@ class Policy:
 
     @classmethod
     def for_model(cls, model: BaseModel, settings: Settings) -> Policy:
-        override = BatchingPolicy.model_validate(model.batching)
-        pick = lambda value, default: default if value is None else value  # noqa: E731
+        values = {
+            "max_items": settings.batch_max_items,
+            "max_wait_seconds": settings.batch_max_wait_seconds,
+            "deadline_margin_seconds": settings.batch_deadline_margin_seconds,
+            "schedule": None,
+        } | BatchingPolicy.model_validate(model.batching).model_dump(exclude_none=True)
         return cls(
-            max_items=pick(override.max_items, settings.batch_max_items),
-            max_wait=timedelta(seconds=pick(override.max_wait_seconds, settings.batch_max_wait_seconds)),
-            deadline_margin=timedelta(
-                seconds=pick(override.deadline_margin_seconds, settings.batch_deadline_margin_seconds)
-            ),
-            schedule=override.schedule,
+            max_items=values["max_items"],
+            max_wait=timedelta(seconds=values["max_wait_seconds"]),
+            deadline_margin=timedelta(seconds=values["deadline_margin_seconds"]),
+            schedule=values["schedule"],
         )
 
     def trigger(self, pending: Sequence[ForgetRequest], now: datetime) -> str | None:

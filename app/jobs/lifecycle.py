@@ -48,8 +48,9 @@ def transition(session: Session, job: UnlearningJob, target: JobStatus, actor: s
     record(session, actor, f"job.{target}", "job", job.id, previous=current.value, **data)
 
 
-def _forgetting(job: UnlearningJob) -> list:
-    # an unmerge job links the removed job's requests but forgets nothing itself: their status is not its to change
+def forgotten_requests(job: UnlearningJob) -> list:
+    """The requests the job forgets: an unmerge job links the removed job's requests but forgets nothing itself, so
+    their status is not its to change."""
     return [] if job.method == UNMERGE else list(job.requests)
 
 
@@ -64,7 +65,7 @@ def fail(session: Session, job: UnlearningJob, error: str, settings: Settings, a
     """The job fails for good; its requests go back to pending, or fail once they have failed max_request_attempts."""
     job.error, job.evaluation = error, evaluation
     transition(session, job, JobStatus.failed, actor, error=error)
-    for request in _forgetting(job):
+    for request in forgotten_requests(job):
         request.attempts += 1
         if request.attempts >= settings.max_request_attempts:
             request.status, request.failure_reason = RequestStatus.failed, error
@@ -79,15 +80,20 @@ def retry_or_fail(session: Session, job: UnlearningJob, error: str, settings: Se
         return
     delay = retry_delay(settings, job.attempts)
     job.error, job.not_before = error, utcnow() + delay
-    transition(session, job, JobStatus.queued, actor, error=error, retry_in_seconds=delay.total_seconds())
-    for request in _forgetting(job):
+    requeue(session, job, actor, error=error, retry_in_seconds=delay.total_seconds())
+
+
+def requeue(session: Session, job: UnlearningJob, actor: str, **audit: object) -> None:
+    """Back to the queue for another attempt; its requests stay in the job."""
+    transition(session, job, JobStatus.queued, actor, **audit)
+    for request in forgotten_requests(job):
         request.status = RequestStatus.batched
 
 
 def cancel(session: Session, job: UnlearningJob, actor: str, reason: str) -> None:
     """The job is cancelled; its requests go back to pending for a later batch."""
     transition(session, job, JobStatus.cancelled, actor, reason=reason)
-    for request in _forgetting(job):
+    for request in forgotten_requests(job):
         request.status = RequestStatus.pending
 
 

@@ -30,6 +30,11 @@ def job_key(job_id: int) -> str:
     return f"job-{job_id}"
 
 
+def job_scratch(job_id: int) -> str:
+    """The job's folder in the artifact store's scratch area (its training checkpoints)."""
+    return f"{job_key(job_id)}/"
+
+
 def job_id_of(key: str) -> int:
     return int(key.removeprefix("job-"))
 

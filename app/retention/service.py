@@ -23,7 +23,7 @@ from app.core.errors import Conflict
 from app.evidence.coverage import coverage
 from app.forget_requests.items import shred_items
 from app.forget_requests.models import ForgetRequest, RequestStatus
-from app.jobs.models import job_key, job_requests
+from app.jobs.models import job_requests, job_scratch
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def shred(session: Session, request: ForgetRequest, settings: Settings, actor: s
     job_ids = list(session.scalars(select(job_requests.c.job_id).where(job_requests.c.request_id == request.id)))
     store = artifact_store(settings)
     for job_id in job_ids:  # first, so a failure here leaves the request unshredded and retried
-        store.scratch_delete(f"{job_key(job_id)}/")
+        store.scratch_delete(job_scratch(job_id))
     shred_items(request)
     record(session, actor, "forget_request.shredded", "forget_request", request.id, reason=reason, jobs=job_ids)
     return request
