@@ -22,6 +22,7 @@ from app.core.metrics import HttpMetrics, Metrics
 from app.core.metrics import router as metrics_router
 from app.core.request_ids import RequestIds
 from app.core.routes import RouteTable
+from app.deployments.views import router as deployments_router
 from app.evidence.views import router as evidence_router
 from app.forget_requests.views import router as requests_router
 from app.jobs.views import router as jobs_router
@@ -128,6 +129,7 @@ def create_app() -> FastAPI:
         models_router,
         adapters_router,
         aliases_router,
+        deployments_router,
     ):
         v1.include_router(router)
     app.include_router(v1)

@@ -25,6 +25,9 @@ RECONCILE = "unlearnd.reconcile"
 SHRED_DUE = "unlearnd.shred_due"
 DELIVER_CALLBACK = "unlearnd.deliver_callback"
 REDELIVER_CALLBACKS = "unlearnd.redeliver_callbacks"
+DELIVER_DEPLOYMENT = "unlearnd.deliver_deployment"
+REDELIVER_DEPLOYMENTS = "unlearnd.redeliver_deployments"
+EXPORT_MERGED = "unlearnd.export_merged"
 
 
 def _transport_options(settings: Settings) -> dict:
@@ -58,7 +61,7 @@ def make_celery(settings: Settings) -> Celery:
         task_publish_retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.5, "interval_max": 0.5},
         task_queues=(Queue(GPU_QUEUE), Queue(DEFAULT_QUEUE)),
         task_default_queue=DEFAULT_QUEUE,
-        task_routes={RUN_JOB: {"queue": GPU_QUEUE}},
+        task_routes={RUN_JOB: {"queue": GPU_QUEUE}, EXPORT_MERGED: {"queue": GPU_QUEUE}},
         # A job is acknowledged only when it is done, so a worker that dies mid-job leaves it for another.
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -73,6 +76,10 @@ def make_celery(settings: Settings) -> Celery:
             "reconcile-jobs": {"task": RECONCILE, "schedule": settings.reconcile_interval_seconds},
             "shred-due-requests": {"task": SHRED_DUE, "schedule": settings.shred_interval_seconds},
             "redeliver-callbacks": {"task": REDELIVER_CALLBACKS, "schedule": settings.callback_sweep_interval_seconds},
+            "redeliver-deployments": {
+                "task": REDELIVER_DEPLOYMENTS,
+                "schedule": settings.callback_sweep_interval_seconds,
+            },
         },
         beat_schedule_filename=str(settings.beat_schedule_file),
         worker_hijack_root_logger=False,
@@ -143,6 +150,14 @@ def broker_job_ids(settings: Settings, held_within_seconds: float) -> set[int] |
 
 def enqueue_callbacks(delivery_ids: Iterable[int]) -> None:
     send_now(DELIVER_CALLBACK, delivery_ids, DEFAULT_QUEUE)
+
+
+def enqueue_deployments(deployment_ids: Iterable[int]) -> None:
+    send_now(DELIVER_DEPLOYMENT, deployment_ids, DEFAULT_QUEUE)
+
+
+def enqueue_exports(export_ids: Iterable[int]) -> None:
+    send_now(EXPORT_MERGED, export_ids, GPU_QUEUE)
 
 
 def broker_reachable(timeout: float = 2.0) -> bool:

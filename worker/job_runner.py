@@ -36,6 +36,7 @@ from app.base_models.models import BaseModel
 from app.core.config import Settings
 from app.core.db import session_scope, utcnow
 from app.core.errors import Conflict
+from app.deployments.service import PUBLISHED, completion_status, on_alias_moved
 from app.forget_requests.items import open_items
 from app.forget_requests.models import RequestStatus
 from app.jobs import lifecycle
@@ -358,7 +359,8 @@ def publish(
             metrics=metrics,
         )
     )
-    model.current_version = version
+    previous, model.current_version = model.current_version, version
+    on_alias_moved(session, model, version, previous, PUBLISHED)
     transition(session, job, JobStatus.succeeded, ACTOR, version=version)
     return version
 
@@ -368,12 +370,16 @@ def covered_jobs(session: Session, model_id: int, keys: list[str]) -> list[Unlea
     return list(session.scalars(select(UnlearningJob).where(UnlearningJob.id.in_(ids)).order_by(UnlearningJob.id)))
 
 
-def complete_requests(session: Session, inputs: JobInputs, before: list[dict], after: list[dict]) -> None:
+def complete_requests(
+    session: Session, inputs: JobInputs, before: list[dict], after: list[dict], settings: Settings
+) -> None:
+    """Record the requests' metrics; they complete now, or once the version is deployed (completion_mode)."""
     job = session.get(UnlearningJob, inputs.job_id)
     before_by_request, after_by_request = per_request(inputs, before), per_request(inputs, after)
-    now = utcnow()
+    status = completion_status(session, job.base_model, settings)
+    now = utcnow() if status == RequestStatus.completed else None
     for request in job.requests:
-        request.status = RequestStatus.completed
+        request.status = status
         request.completed_at = now
         request.failure_reason = None
         pairs = zip(before_by_request[str(request.id)], after_by_request[str(request.id)], strict=True)
@@ -459,7 +465,9 @@ def train_and_fuse(inputs: JobInputs, settings: Settings, monitor: JobMonitor) -
     set_state(inputs, JobStatus.publishing, "publishing")
     with session_scope() as session:
         version = publish(session, inputs, parent, fused, metrics, engine_dict(config, fusion), settings)
-        complete_requests(session, inputs, result.items_before, fused.verification.items[job_key(inputs.job_id)])
+        complete_requests(
+            session, inputs, result.items_before, fused.verification.items[job_key(inputs.job_id)], settings
+        )
         session.commit()
     store.set_alias(inputs.model_name, CURRENT, version)  # the pointer moves only after the row is committed
     log.info("job %s published %s version %s", inputs.job_id, inputs.model_name, version)

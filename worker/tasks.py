@@ -9,14 +9,20 @@ from app.callbacks.delivery import deliver
 from app.callbacks.service import dispatch, overdue_deliveries
 from app.core.config import get_settings
 from app.core.db import session_scope
+from app.deployments import delivery as deployment_delivery
+from app.deployments.service import dispatch as dispatch_deployments
+from app.deployments.service import overdue_deployments
 from app.jobs.reconcile import reconcile
 from app.jobs.service import run_batcher
 from app.retention.service import shred_due
 from worker.celery_app import (
     BATCH_PENDING,
     DELIVER_CALLBACK,
+    DELIVER_DEPLOYMENT,
+    EXPORT_MERGED,
     RECONCILE,
     REDELIVER_CALLBACKS,
+    REDELIVER_DEPLOYMENTS,
     RUN_JOB,
     SHRED_DUE,
     celery_app,
@@ -70,3 +76,26 @@ def redeliver_callbacks() -> list[int]:
         overdue = overdue_deliveries(session, get_settings())
     dispatch(overdue)
     return overdue
+
+
+@celery_app.task(name=DELIVER_DEPLOYMENT, bind=True, max_retries=None)
+def deliver_deployment(self: Task, deployment_id: int) -> None:
+    delay = deployment_delivery.deliver(deployment_id, get_settings())
+    if delay is not None:
+        raise self.retry(countdown=delay)
+
+
+@celery_app.task(name=REDELIVER_DEPLOYMENTS)
+def redeliver_deployments() -> list[int]:
+    with session_scope() as session:
+        overdue = overdue_deployments(session, get_settings())
+    dispatch_deployments(overdue)
+    return overdue
+
+
+@celery_app.task(name=EXPORT_MERGED)
+def export_merged(export_id: int) -> None:
+    # torch is imported here, in the worker only, never by the API process.
+    from worker.merged_export import run_export
+
+    run_export(export_id, get_settings())

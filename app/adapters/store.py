@@ -5,6 +5,9 @@ set). Both keep the same layout and promises:
 
     <model>/<version>/{adapter files..., manifest.json}   a version is visible only once its manifest exists
     <model>/aliases/<alias>.json                           {"version": N, "updated_at": ...}, replaced atomically
+    <model>/<alias>/                                       the version's files, for resolvers that read a folder:
+                                                           local: a symlink to <version>/, switched atomically;
+                                                           S3: a copy, refreshed file by file, manifest last
     _scratch/<key>                                         job checkpoints, not part of any version
 
 Publishing writes the files first and the manifest last, never overwrites a visible version, and reads the manifest
@@ -90,6 +93,10 @@ class ArtifactStore(ABC):
     @abstractmethod
     def _delete_prefix(self, prefix: str) -> None: ...
 
+    @abstractmethod
+    def _link_alias(self, model: str, alias: str, version: int) -> None:
+        """Make <model>/<alias>/ hold the version's files (and manifest), for resolvers that read a folder."""
+
     def publish(self, model: str, version: int, source: Path, manifest: dict) -> dict:
         """Copy every file of `source` into version `version`; returns the manifest as read back and verified."""
         files = sorted(p for p in source.iterdir() if p.is_file() and p.name != MANIFEST)
@@ -136,9 +143,11 @@ class ArtifactStore(ABC):
 
     def set_alias(self, model: str, alias: str, version: int) -> None:
         """Point `alias` at a visible version; the caller moves it only after the version's row is committed."""
+        key = _alias_key(model, alias)  # checks the alias name before anything is written
         self.read_manifest(model, version)
         pointer = {"version": version, "updated_at": datetime.now(UTC).isoformat()}
-        self._write_atomic(_alias_key(model, alias), json.dumps(pointer).encode())
+        self._link_alias(model, alias, version)
+        self._write_atomic(key, json.dumps(pointer).encode())
 
     def get_alias(self, model: str, alias: str) -> int | None:
         try:
@@ -250,6 +259,15 @@ class LocalArtifactStore(ArtifactStore):
         finally:
             temporary.unlink(missing_ok=True)
 
+    def _link_alias(self, model: str, alias: str, version: int) -> None:
+        link = self.root / model / alias
+        temporary = link.with_name(f".{alias}.{uuid.uuid4().hex}.link")
+        os.symlink(str(version), temporary)  # relative: the store can be mounted anywhere
+        try:
+            os.replace(temporary, link)  # atomic: a reader resolves the old version or the new one
+        finally:
+            temporary.unlink(missing_ok=True)
+
     def _delete_prefix(self, prefix: str) -> None:
         base = self.root / prefix.rpartition("/")[0]  # the deepest folder the prefix names in full
         if not base.is_dir():
@@ -339,6 +357,16 @@ class S3ArtifactStore(ArtifactStore):
 
     def _delete_prefix(self, prefix: str) -> None:
         self._delete(self._list(self.prefix + prefix))
+
+    def _link_alias(self, model: str, alias: str, version: int) -> None:
+        source, folder = f"{self.prefix}{model}/{version}/", f"{self.prefix}{model}/{alias}/"
+        keys = self._list(source)
+        names = [key.removeprefix(source) for key in keys]
+        stale = [key for key in self._list(folder) if key.removeprefix(folder) not in names]
+        self._delete([folder + MANIFEST])  # readers treat a folder without a manifest as being switched
+        for name in sorted(names, key=lambda n: n == MANIFEST):  # the manifest last
+            self.client.copy({"Bucket": self.bucket, "Key": source + name}, self.bucket, folder + name)
+        self._delete(stale)
 
     def _list(self, prefix: str) -> list[str]:
         pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
