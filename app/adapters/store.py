@@ -8,6 +8,7 @@ set). Both keep the same layout and promises:
     <model>/<alias>/                                       the version's files, for resolvers that read a folder:
                                                            local: a symlink to <version>/, switched atomically;
                                                            S3: a copy, refreshed file by file, manifest last
+    <model>/exports/<id>/{config, safetensors shards, tokenizer, manifest.json}   merged checkpoints, manifest last
     _scratch/<key>                                         job checkpoints, not part of any version
 
 Publishing writes the files first and the manifest last, never overwrites a visible version, and reads the manifest
@@ -35,6 +36,7 @@ from app.core.config import Settings
 from app.core.errors import Conflict, NotFound
 
 MANIFEST = "manifest.json"
+EXPORTS = "exports"  # <model>/exports/<id>/: merged checkpoints
 SCRATCH = "_scratch/"  # model names start with a letter or digit, so this never clashes with a model
 CHUNK = 1 << 20
 
@@ -64,14 +66,24 @@ def _alias_key(model: str, alias: str) -> str:
     return f"{model}/aliases/{alias}.json"
 
 
+def folder_manifest(source: Path, manifest: dict) -> tuple[list[Path], bytes]:
+    """The files of `source` (but a manifest) and the manifest listing each one's size and sha256."""
+    files = sorted(p for p in source.iterdir() if p.is_file() and p.name != MANIFEST)
+    listed = {p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)} for p in files}
+    return files, json.dumps({**manifest, "files": listed}, indent=2, sort_keys=True).encode()
+
+
 class ArtifactStore(ABC):
     """Everything above the storage primitives is shared, so both backends read, verify and download alike.
 
     Keys are relative '/'-separated paths such as 'demo/3/manifest.json'; a missing object is FileNotFoundError.
     """
 
+    def uri(self, model: str, version: int) -> str:
+        return self._uri(f"{model}/{version}")
+
     @abstractmethod
-    def uri(self, model: str, version: int) -> str: ...
+    def _uri(self, folder: str) -> str: ...
 
     @abstractmethod
     def quarantine(self, model: str, version: int) -> None:
@@ -99,11 +111,18 @@ class ArtifactStore(ABC):
 
     def publish(self, model: str, version: int, source: Path, manifest: dict) -> dict:
         """Copy every file of `source` into version `version`; returns the manifest as read back and verified."""
-        files = sorted(p for p in source.iterdir() if p.is_file() and p.name != MANIFEST)
-        listed = {p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)} for p in files}
-        body = json.dumps({**manifest, "files": listed}, indent=2, sort_keys=True).encode()
+        files, body = folder_manifest(source, manifest)
         self._write_version(model, version, files, body)
         return self.verify(model, version)
+
+    def put_export(self, model: str, export_id: int, source: Path, manifest: dict) -> str:
+        """Store a merged checkpoint at <model>/exports/<id>/: its files, then its manifest; returns its URI."""
+        files, body = folder_manifest(source, manifest)
+        folder = f"{model}/{EXPORTS}/{export_id}"
+        for path in files:
+            self._write_atomic(f"{folder}/{path.name}", path)
+        self._write_atomic(f"{folder}/{MANIFEST}", body)
+        return self._uri(folder)
 
     def read_manifest(self, model: str, version: int) -> dict:
         try:
@@ -198,8 +217,8 @@ class LocalArtifactStore(ArtifactStore):
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
 
-    def uri(self, model: str, version: int) -> str:
-        return (self.root / model / str(version)).as_uri()
+    def _uri(self, folder: str) -> str:
+        return (self.root / folder).as_uri()
 
     def quarantine(self, model: str, version: int) -> None:
         final = self.root / model / str(version)
@@ -294,8 +313,8 @@ class S3ArtifactStore(ArtifactStore):
         self.bucket = bucket
         self.prefix = f"{prefix.strip('/')}/" if prefix.strip("/") else ""
 
-    def uri(self, model: str, version: int) -> str:
-        return f"s3://{self.bucket}/{self.prefix}{model}/{version}/"
+    def _uri(self, folder: str) -> str:
+        return f"s3://{self.bucket}/{self.prefix}{folder}/"
 
     def quarantine(self, model: str, version: int) -> None:
         folder = f"{self.prefix}{model}/{version}/"
