@@ -146,7 +146,8 @@ def export_to_folder(model_name: str, version: int | None, out_dir: Path, dtype_
 def run_export(export_id: int, settings: Settings) -> None:
     """The admin API's export job: write the checkpoint into the store at <model>/exports/<id>/."""
     with session_scope() as session:
-        export = session.scalar(select(MergedExport).where(MergedExport.id == export_id).with_for_update())
+        session.execute(select(MergedExport.id).where(MergedExport.id == export_id).with_for_update())
+        export = session.get(MergedExport, export_id)
         if export is None or export.status != ExportStatus.queued:
             return  # a duplicate delivery of the message
         export.status = ExportStatus.running

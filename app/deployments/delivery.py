@@ -96,7 +96,8 @@ def deliver(deployment_id: int, settings: Settings) -> float | None:
         row = session.get(Deployment, deployment_id)
         if row is None or row.delivered_at is not None:
             return None
-        session.get(DeploymentTarget, row.target_id, with_for_update=True)  # one claim per target at a time
+        lock = select(DeploymentTarget.id).where(DeploymentTarget.id == row.target_id).with_for_update()
+        session.execute(lock)  # one claim per target at a time
         if _superseded(session, row) or not claim(session, Deployment, deployment_id, settings):
             session.commit()
             return None

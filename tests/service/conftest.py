@@ -38,6 +38,8 @@ os.environ.update(
     UNLEARND_CALLBACK_ALLOWED_HOSTS='["127.0.0.1"]',
     UNLEARND_CALLBACK_ALLOWED_NETWORKS='["127.0.0.1/32"]',
     UNLEARND_CALLBACK_RETRY_BASE_SECONDS="0.5",
+    # A key vLLM deployment targets may name (tests/service/test_deployments.py).
+    UNLEARND_DEPLOYMENT_API_KEYS='{"vllm-test": "sk-test-vllm"}',
     # One admin key drives whole modules (the Schemathesis run among them); the limiter has tests of its own.
     UNLEARND_RATE_LIMIT_PER_MINUTE="1e9",
     UNLEARND_RATE_LIMIT_BURST="1000000",
