@@ -13,6 +13,7 @@ from dataclasses import replace
 from datetime import timedelta
 
 import pytest
+import torch
 from sqlalchemy import insert
 
 from tests.service import test_callbacks, test_publishing
@@ -51,11 +52,22 @@ def publish_version(name: str, fused, corpora, settings, complete: bool = False)
     from app.core.db import session_scope
     from app.forget_requests.models import ForgetRequest
     from app.jobs.models import job_key
-    from worker.job_runner import JobInputs, complete_requests, publish
+    from worker.engine import FusionSettings, UnlearnConfig
+    from worker.job_runner import JobInputs, complete_requests, engine_dict, publish, version_metrics
 
     job_id, request_id = job_row(name, corpora["forget"], "publishing")
-    # the run's statistics under this job's key, as if this job had trained them
-    state = replace(fused.state, jobs={job_key(job_id): next(iter(fused.state.jobs.values()))})
+    # the run's statistics and verification under this job's key, as if this job had trained them
+    key, (trained,) = job_key(job_id), fused.state.jobs
+    version = replace(
+        fused,
+        state=replace(fused.state, jobs={key: fused.state.jobs[trained]}),
+        verification=replace(
+            fused.verification,
+            sets={key: fused.verification.sets[trained]},
+            items={key: fused.verification.items[trained]},
+        ),
+    )
+    config, fusion = UnlearnConfig(), FusionSettings()
     with session_scope() as session:
         model = get_by_name(session, name)
         inputs = JobInputs(
@@ -64,16 +76,17 @@ def publish_version(name: str, fused, corpora, settings, complete: bool = False)
             forget_items=corpora["forget"], items_per_request=[(request_id, 2)], retain_items=[], holdout_items=[],
             held_sets={},
         )  # fmt: skip
-        version = publish(
-            session, inputs, latest_version(session, model), replace(fused, state=state), {}, {}, settings
-        )
+        number = publish(
+            session, inputs, latest_version(session, model), version, version_metrics(version, config, fusion),
+            engine_dict(config, fusion), settings,
+        )  # fmt: skip
         if complete:
             complete_requests(session, inputs, [{}, {}], [{}, {}], settings)
         session.flush()
         status = session.get(ForgetRequest, uuid.UUID(request_id)).status
         session.commit()
-    artifact_store(settings).set_alias(name, CURRENT, version)
-    return version, request_id, status
+    artifact_store(settings).set_alias(name, CURRENT, number)
+    return number, request_id, status
 
 
 def deployments(client, key: str, name: str) -> dict:
@@ -291,3 +304,52 @@ def test_targets_need_admin_and_a_name_is_taken_once(client, admin_key, writer_k
     assert add_target(client, admin_key, model, **body).status_code == 409
     assert client.delete(f"/v1/models/{model}/deployment-targets/dup", headers=auth(admin_key)).status_code == 204
     assert client.delete(f"/v1/models/{model}/deployment-targets/dup", headers=auth(admin_key)).status_code == 404
+
+
+def test_an_export_job_writes_the_merged_checkpoint_into_the_store_with_the_gate_rechecked(
+    client, admin_key, model, fused, corpora, settings
+):
+    from transformers import AutoModelForCausalLM
+
+    from app.adapters.store import MANIFEST
+    from worker.merged_export import run_export
+
+    version, _, _ = publish_version(model, fused, corpora, settings, complete=True)
+    queued = client.post(f"/v1/models/{model}/exports", headers=auth(admin_key), json={"dtype": "base"})
+    assert queued.status_code == 202, queued.text
+    assert (queued.json()["status"], queued.json()["version"]) == ("queued", version)
+    export_id = queued.json()["id"]
+    run_export(export_id, settings)  # what the gpu queue's worker runs for the message
+    done = client.get(f"/v1/models/{model}/exports/{export_id}", headers=auth(admin_key)).json()
+    assert done["status"] == "succeeded", done["error"]
+    manifest = done["manifest"]
+    assert (manifest["version"], manifest["dtype"]) == (version, "float32")
+    published = client.get(f"/v1/models/{model}/adapters/{version}", headers=auth(admin_key)).json()
+    assert manifest["adapter_files"] == published["manifest"]["files"]  # linked to exactly the version's adapter
+    metrics = manifest["metrics"]
+    assert metrics["rechecked_sets"] == list(published["metrics"]["verification"]["sets"])
+    assert max(metrics["drift"].values()) <= metrics["tolerance"] == 1e-3
+    folder = settings.artifact_dir / model / "exports" / str(export_id)
+    assert done["artifact_uri"] == folder.resolve().as_uri()
+    assert {*manifest["files"], MANIFEST} == {p.name for p in folder.iterdir()}
+    assert AutoModelForCausalLM.from_pretrained(folder).dtype == torch.float32
+    missing = client.post(f"/v1/models/{model}/exports", headers=auth(admin_key), json={"version": 99})
+    assert missing.status_code == 404
+
+
+def test_export_merged_cli_writes_a_bf16_checkpoint_that_reproduces_the_versions_metrics(
+    model, fused, corpora, settings, tmp_path
+):
+    from typer.testing import CliRunner
+
+    from app.cli import cli
+
+    version, _, _ = publish_version(model, fused, corpora, settings, complete=True)
+    out = tmp_path / "merged"
+    result = CliRunner().invoke(cli, ["export-merged", model, str(out), "--version", str(version)])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["model"], manifest["version"], manifest["dtype"]) == (model, version, "bfloat16")
+    assert max(manifest["metrics"]["drift"].values()) <= 1e-2
+    assert any(name.endswith(".safetensors") for name in manifest["files"])
+    assert CliRunner().invoke(cli, ["export-merged", model, str(out)]).exit_code != 0  # never into a full folder
