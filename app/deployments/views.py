@@ -6,7 +6,7 @@ from fastapi import APIRouter, Path, Response, status
 
 from app.base_models.service import get_by_name
 from app.core.db import MAX_INTEGER
-from app.core.deps import AdminKey, ReaderKey, SessionDep, SettingsDep
+from app.core.deps import AdminKey, SessionDep, SettingsDep
 from app.core.errors import AUTHENTICATED, JSON_BODY, error_responses
 from app.deployments import exports, service
 from app.deployments.schemas import CompletionModeUpdate, DeploymentsOut, ExportCreate, ExportOut, TargetCreate
@@ -15,8 +15,9 @@ router = APIRouter(prefix="/models/{name}", tags=["deployments"], responses=AUTH
 
 
 @router.get("/deployments", responses=error_responses(404))
-def get_deployments(name: str, key: ReaderKey, session: SessionDep, settings: SettingsDep) -> DeploymentsOut:
-    """The model's deployment targets, the state of each one's latest delivery, and the recent deliveries."""
+def get_deployments(name: str, key: AdminKey, session: SessionDep, settings: SettingsDep) -> DeploymentsOut:
+    """The model's deployment targets, the state of each one's latest delivery, and the recent deliveries (admin:
+    targets are infrastructure every tenant shares)."""
     return service.overview(session, get_by_name(session, name), settings)
 
 
@@ -76,6 +77,6 @@ def export_merged(name: str, body: ExportCreate, key: AdminKey, session: Session
 
 @router.get("/exports/{export_id}", responses=error_responses(404))
 def get_export(
-    name: str, export_id: Annotated[int, Path(ge=1, le=MAX_INTEGER)], key: ReaderKey, session: SessionDep
+    name: str, export_id: Annotated[int, Path(ge=1, le=MAX_INTEGER)], key: AdminKey, session: SessionDep
 ) -> ExportOut:
     return exports.to_out(exports.get_export(session, get_by_name(session, name), export_id))
