@@ -8,8 +8,6 @@ model's `current` version, covering it, has been delivered to every target.
 
 from __future__ import annotations
 
-import logging
-from datetime import timedelta
 from pathlib import Path
 
 from sqlalchemy import event, select
@@ -18,6 +16,8 @@ from sqlalchemy.orm import Session, UOWTransaction
 from app.adapters.models import AdapterVersion
 from app.audit.service import record
 from app.base_models.models import BaseModel
+from app.callbacks.service import dispatch as send_ids
+from app.callbacks.service import overdue_deliveries
 from app.callbacks.targets import check_callback_url
 from app.core.config import Settings
 from app.core.db import utcnow
@@ -28,11 +28,8 @@ from app.forget_requests.models import ForgetRequest, RequestStatus
 from app.jobs.models import UNMERGE, JobStatus, UnlearningJob, job_key, job_requests
 from worker.celery_app import enqueue_deployments
 
-log = logging.getLogger(__name__)
-
 PUBLISHED, MOVED = "adapter.published", "alias.moved"
 UNSENT = "unlearnd.unsent_deployments"  # ids flushed in a session's transaction, sent once it commits
-SWEEP_BATCH = 1000
 RECENT = 50
 
 
@@ -252,25 +249,11 @@ def deployed_to(session: Session, versions: list[AdapterVersion]) -> list[dict]:
 
 
 def overdue_deployments(session: Session, settings: Settings) -> list[int]:
-    """Undelivered rows due for longer than one sweep interval: their message was lost (or the broker was down)."""
-    cutoff = utcnow() - timedelta(seconds=settings.callback_sweep_interval_seconds)
-    query = (
-        select(Deployment.id)
-        .where(Deployment.delivered_at.is_(None), Deployment.next_attempt_at <= cutoff)
-        .order_by(Deployment.next_attempt_at)
-        .limit(SWEEP_BATCH)
-    )
-    return list(session.scalars(query))
+    return overdue_deliveries(session, settings, Deployment)
 
 
 def dispatch(deployment_ids: list[int]) -> None:
-    """Send ids to the default queue; never raises, since the rows are the source of truth."""
-    if not deployment_ids:
-        return
-    try:
-        enqueue_deployments(deployment_ids)
-    except Exception:  # broker down: the beat sweep sends them once the broker is back
-        log.exception("could not enqueue deployments %s; the sweep will resend them", deployment_ids)
+    send_ids(deployment_ids, enqueue_deployments)
 
 
 def _remember(session: Session, _context: UOWTransaction) -> None:

@@ -105,14 +105,7 @@ def add_target(client, key: str, model_name: str, /, **body: object):
 
 
 def test_vllm_follows_current_through_two_publishes_a_failing_server_and_a_rollback(
-    client,
-    admin_key,
-    model,
-    vllm,
-    fused,
-    corpora,
-    settings,
-    callback_worker,
+    client, admin_key, model, vllm, fused, corpora, settings, callback_worker
 ):
     added = add_target(client, admin_key, model, name="vllm-a", kind="vllm", url=vllm.base, api_key=API_KEY_NAME)
     assert added.status_code == 201, added.text
@@ -154,14 +147,7 @@ def test_vllm_follows_current_through_two_publishes_a_failing_server_and_a_rollb
 
 
 def test_deployed_mode_completes_a_request_only_once_its_version_reached_every_target(
-    client,
-    admin_key,
-    model,
-    vllm,
-    fused,
-    corpora,
-    settings,
-    callback_worker,
+    client, admin_key, model, vllm, fused, corpora, settings, callback_worker
 ):
     mode = client.put(
         f"/v1/models/{model}/completion-mode", headers=auth(admin_key), json={"completion_mode": "deployed"}
@@ -188,14 +174,7 @@ def test_deployed_mode_completes_a_request_only_once_its_version_reached_every_t
 
 
 def test_a_webhook_target_gets_signed_events_with_the_versions_sha256s(
-    client,
-    admin_key,
-    model,
-    receiver,
-    fused,
-    corpora,
-    settings,
-    callback_worker,
+    client, admin_key, model, receiver, fused, corpora, settings, callback_worker
 ):
     path = f"/deploy/{uuid.uuid4().hex}"
     assert (
@@ -244,15 +223,7 @@ def test_a_delivery_a_later_move_superseded_is_not_sent(client, admin_key, model
 
 
 def test_a_deployment_whose_message_was_lost_is_sent_by_the_sweep(
-    client,
-    admin_key,
-    model,
-    receiver,
-    fused,
-    corpora,
-    settings,
-    session,
-    callback_worker,
+    client, admin_key, model, receiver, fused, corpora, settings, session, callback_worker
 ):
     from app.base_models.service import get_by_name
     from app.core.db import utcnow
