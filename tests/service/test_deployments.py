@@ -112,7 +112,6 @@ def test_vllm_follows_current_through_two_publishes_a_failing_server_and_a_rollb
     assert added.json()["targets"][0]["latest"] is None  # nothing published yet: nothing to deliver
     root = settings.artifact_dir.resolve()
     path = {v: str(root / model / str(v)) for v in (1, 2)}
-    vllm.calls.clear()
 
     assert publish_version(model, fused, corpora, settings)[0] == 1
     wait_until(lambda: settled(client, admin_key, model, 1), 60, "version 1 delivered")
@@ -128,14 +127,14 @@ def test_vllm_follows_current_through_two_publishes_a_failing_server_and_a_rollb
     wait_until(lambda: settled(client, admin_key, model, 3), 60, "the rollback delivered")
 
     unload = {"lora_name": model}
-    assert vllm.calls == [
+    assert [call for call in vllm.calls if call.body.get("lora_name") == model] == [
         Call(UNLOAD, unload, 404), Call(LOAD, {"lora_name": model, "lora_path": path[1]}, 200),
         Call(UNLOAD, unload, 200), Call(LOAD, {"lora_name": model, "lora_path": path[2]}, 500),
         Call(UNLOAD, unload, 404), Call(LOAD, {"lora_name": model, "lora_path": path[2]}, 500),
         Call(UNLOAD, unload, 404), Call(LOAD, {"lora_name": model, "lora_path": path[2]}, 200),
         Call(UNLOAD, unload, 200), Call(LOAD, {"lora_name": model, "lora_path": path[1]}, 200),
     ]  # fmt: skip
-    assert vllm.loaded == {model: path[1]}  # the served name shadows the base with version 1 again
+    assert vllm.loaded[model] == path[1]  # the served name shadows the base with version 1 again
     state = deployments(client, admin_key, model)
     rows = [(r["version"], r["event"], r["state"], r["attempts"], r["last_error"]) for r in state["deployments"]]
     assert rows == [
@@ -171,6 +170,26 @@ def test_deployed_mode_completes_a_request_only_once_its_version_reached_every_t
     payload = certificate.json()["payload"]
     assert payload["completion_mode"] == "deployed"
     assert [(d["target"], d["kind"], d["version"]) for d in payload["deployed_to"]] == [("vllm-b", "vllm", version)]
+
+
+def test_a_request_waiting_on_a_failing_target_completes_when_the_mode_goes_back_to_published(
+    client, admin_key, model, vllm, fused, corpora, settings, callback_worker
+):
+    set_mode = f"/v1/models/{model}/completion-mode"
+    assert client.put(set_mode, headers=auth(admin_key), json={"completion_mode": "deployed"}).status_code == 200
+    assert add_target(client, admin_key, model, name="down", kind="vllm", url=vllm.base).status_code == 201
+    vllm.fail_next(UNLOAD, 1000)  # a server that keeps failing: the delivery keeps being retried
+    try:
+        _, request_id, status = publish_version(model, fused, corpora, settings, complete=True)
+        assert status == "running"
+        wait_until(lambda: deployments(client, admin_key, model)["deployments"][0]["attempts"] >= 2, 60, "retries")
+        assert client.get(f"/v1/forget-requests/{request_id}", headers=auth(admin_key)).json()["status"] == "running"
+        back = client.put(set_mode, headers=auth(admin_key), json={"completion_mode": None})
+        assert back.status_code == 200 and back.json()["completion_mode"] == "published"
+        request = client.get(f"/v1/forget-requests/{request_id}", headers=auth(admin_key)).json()
+        assert request["status"] == "completed"
+    finally:
+        vllm.fail_next(UNLOAD, 0)
 
 
 def test_a_webhook_target_gets_signed_events_with_the_versions_sha256s(
