@@ -159,9 +159,14 @@ def export_merged(
         raise typer.BadParameter("dtype must be 'bfloat16' or 'base'")
     if out.exists() and any(out.iterdir()):
         raise typer.BadParameter(f"{out} is not empty")
-    from worker.merged_export import export_to_folder
+    from app.core.errors import DomainError
+    from worker.merged_export import MergeMismatch, export_to_folder
 
-    manifest = export_to_folder(model, version, out, dtype, get_settings())
+    try:
+        manifest = export_to_folder(model, version, out, dtype, get_settings())
+    except (DomainError, MergeMismatch) as error:
+        typer.echo(f"not exported: {error}", err=True)
+        raise typer.Exit(code=1) from None
     drift = manifest["metrics"]["drift"]
     typer.echo(
         f"wrote {model} version {manifest['version']} merged ({manifest['dtype']}) to {out}: "

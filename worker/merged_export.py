@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -132,15 +135,23 @@ def write_merged(inputs: ExportInputs, adapter_dir: Path, out_dir: Path, dtype_n
 
 
 def export_to_folder(model_name: str, version: int | None, out_dir: Path, dtype_name: str, settings: Settings) -> dict:
-    """The CLI's export: read the version from the database and the store, write the checkpoint into `out_dir`."""
+    """The CLI's export: read the version from the database and the store, write the checkpoint into `out_dir`
+    (absent or empty)."""
     from app.base_models.service import get_by_name
 
     with session_scope() as session:
         model = get_by_name(session, model_name)
         inputs = export_inputs(session, model, version or model.current_version or 0, settings)
-    with tempfile.TemporaryDirectory() as tmp:
-        adapter = artifact_store(settings).download(inputs.model_name, inputs.version, Path(tmp))
-        return write_merged(inputs, adapter, out_dir, dtype_name)
+    # written beside `out_dir` and renamed into place, so a refused or failed export leaves nothing behind
+    staging = out_dir.with_name(f".{out_dir.name}.partial-{uuid.uuid4().hex}")
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            adapter = artifact_store(settings).download(inputs.model_name, inputs.version, Path(tmp))
+            manifest = write_merged(inputs, adapter, staging, dtype_name)
+        os.replace(staging, out_dir)  # out_dir is absent or empty
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return manifest
 
 
 def run_export(export_id: int, settings: Settings) -> None:

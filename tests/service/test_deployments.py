@@ -343,3 +343,6 @@ def test_export_merged_cli_writes_a_bf16_checkpoint_that_reproduces_the_versions
     assert max(manifest["metrics"]["drift"].values()) <= 1e-2
     assert any(name.endswith(".safetensors") for name in manifest["files"])
     assert CliRunner().invoke(cli, ["export-merged", model, str(out)]).exit_code != 0  # never into a full folder
+    missing = CliRunner().invoke(cli, ["export-merged", model, str(tmp_path / "none"), "--version", "99"])
+    assert missing.exit_code == 1 and not (tmp_path / "none").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"]  # no partial folder left behind
