@@ -8,19 +8,21 @@ later move of `current` to the same target has superseded is not sent: the later
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from app.adapters.models import AdapterVersion
 from app.callbacks.delivery import claim, post, record_outcome
 from app.core.config import Settings
-from app.core.db import session_scope, utcnow
-from app.deployments.models import Deployment, DeploymentTarget, TargetKind
+from app.core.db import get_engine, session_scope, utcnow
+from app.deployments.models import Deployment, TargetKind
 from app.deployments.service import settle
 
 LOAD, UNLOAD = "/v1/load_lora_adapter", "/v1/unload_lora_adapter"
+LOCK_SPACE = 0x756E6C64  # the advisory lock key space of deployment targets ("unld")
 NOT_LOADED = 404  # vLLM's answer to unloading a name it does not serve
 
 
@@ -90,25 +92,45 @@ def _superseded(session: Session, row: Deployment) -> bool:
     return True
 
 
+@contextmanager
+def target_lock(target_id: int) -> Iterator[None]:
+    """Held from the check for a later move until the outcome is recorded, so two workers never send to one target
+    at once: a later move is sent after an earlier one, or the earlier one finds it and is superseded. A PostgreSQL
+    session-level advisory lock on a connection of its own, in autocommit so no transaction stays open during the
+    HTTP calls; SQLite (the embedded default) runs one worker, and takes no lock."""
+    engine = get_engine()
+    if engine.dialect.name != "postgresql":
+        yield
+        return
+    with engine.connect() as connection:
+        connection = connection.execution_options(isolation_level="AUTOCOMMIT")
+        connection.execute(text("SELECT pg_advisory_lock(:space, :id)"), {"space": LOCK_SPACE, "id": target_id})
+        try:
+            yield
+        finally:
+            connection.execute(text("SELECT pg_advisory_unlock(:space, :id)"), {"space": LOCK_SPACE, "id": target_id})
+
+
 def deliver(deployment_id: int, settings: Settings) -> float | None:
     """One attempt; returns the seconds until the next one, or None when delivered, superseded, given up or not due."""
     with session_scope() as session:
-        row = session.get(Deployment, deployment_id)
-        if row is None or row.delivered_at is not None:
-            return None
-        lock = select(DeploymentTarget.id).where(DeploymentTarget.id == row.target_id).with_for_update()
-        session.execute(lock)  # one claim per target at a time
-        if _superseded(session, row) or not claim(session, Deployment, deployment_id, settings):
+        target_id = session.scalar(select(Deployment.target_id).where(Deployment.id == deployment_id))
+    if target_id is None:
+        return None
+    with target_lock(target_id):
+        with session_scope() as session:
+            row = session.get(Deployment, deployment_id)
+            if _superseded(session, row) or not claim(session, Deployment, deployment_id, settings):
+                session.commit()
+                return None
+            session.commit()  # the claim must hold before anything is sent
+            session.refresh(row)
+            send = sender(session, row, settings)
+        error = send()
+        with session_scope() as session:
+            row = session.get(Deployment, deployment_id)
+            delay = record_outcome(row, error, settings)
+            if error is None:
+                settle(session, row.target.base_model, settings)
             session.commit()
-            return None
-        session.commit()  # the claim must hold before anything is sent
-        session.refresh(row)
-        send = sender(session, row, settings)
-    error = send()
-    with session_scope() as session:
-        row = session.get(Deployment, deployment_id)
-        delay = record_outcome(row, error, settings)
-        if error is None:
-            settle(session, row.target.base_model, settings)
-        session.commit()
-        return delay
+            return delay

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import threading
 import time
 import uuid
 from dataclasses import replace
@@ -177,7 +178,10 @@ def test_a_request_waiting_on_a_failing_target_completes_when_the_mode_goes_back
 ):
     set_mode = f"/v1/models/{model}/completion-mode"
     assert client.put(set_mode, headers=auth(admin_key), json={"completion_mode": "deployed"}).status_code == 200
-    assert add_target(client, admin_key, model, name="down", kind="vllm", url=vllm.base).status_code == 201
+    assert (
+        add_target(client, admin_key, model, name="down", kind="vllm", url=vllm.base, api_key=API_KEY_NAME).status_code
+        == 201
+    )
     vllm.fail_next(UNLOAD, 1000)  # a server that keeps failing: the delivery keeps being retried
     try:
         _, request_id, status = publish_version(model, fused, corpora, settings, complete=True)
@@ -239,6 +243,37 @@ def test_a_delivery_a_later_move_superseded_is_not_sent(client, admin_key, model
     assert deliver(ids[0], settings) is None
     session.expire_all()
     assert session.get(Deployment, ids[0]).state == "superseded" and len(vllm.calls) == calls
+
+
+def test_two_workers_never_send_to_one_target_at_once(client, admin_key, model, vllm, settings, session):
+    """A delivery waits for the target's lock, so an earlier move's calls never interleave with a later one's."""
+    from app.base_models.service import get_by_name
+    from app.core.db import utcnow
+    from app.deployments.delivery import deliver, target_lock
+    from app.deployments.models import Deployment
+    from app.deployments.service import targets
+
+    assert (
+        add_target(
+            client, admin_key, model, name="vllm-d", kind="vllm", url=vllm.base, api_key=API_KEY_NAME
+        ).status_code
+        == 201
+    )
+    target_id = targets(session, get_by_name(session, model))[0].id
+    now = utcnow()
+    row = session.scalar(
+        insert(Deployment).values(target_id=target_id, version=1, event="alias.moved", occurred_at=now,
+                                  next_attempt_at=now, attempts=0).returning(Deployment.id)
+    )  # fmt: skip
+    session.commit()
+    mine = lambda: [c for c in vllm.calls if c.body.get("lora_name") == model]  # noqa: E731
+    with target_lock(target_id):  # another worker is sending to this target
+        worker = threading.Thread(target=deliver, args=(row, settings))
+        worker.start()
+        worker.join(2)
+        assert worker.is_alive() and mine() == []
+    worker.join(30)
+    assert not worker.is_alive() and [c.path for c in mine()] == [UNLOAD, LOAD], mine()
 
 
 def test_a_deployment_whose_message_was_lost_is_sent_by_the_sweep(
