@@ -155,7 +155,7 @@ def completion_status(session: Session, model: BaseModel, settings: Settings) ->
 
 def _deployed_everywhere(session: Session, model: BaseModel, version: int) -> bool:
     delivered = select(Deployment.target_id).where(Deployment.version == version, Deployment.delivered_at.is_not(None))
-    return all(t.id in set(session.scalars(delivered)) for t in targets(session, model))
+    return {t.id for t in targets(session, model)} <= set(session.scalars(delivered))
 
 
 def settle(session: Session, model: BaseModel, settings: Settings) -> list[ForgetRequest]:
