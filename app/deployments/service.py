@@ -154,8 +154,15 @@ def completion_status(session: Session, model: BaseModel, settings: Settings) ->
 
 
 def _deployed_everywhere(session: Session, model: BaseModel, version: int) -> bool:
-    delivered = select(Deployment.target_id).where(Deployment.version == version, Deployment.delivered_at.is_not(None))
-    return {t.id for t in targets(session, model)} <= set(session.scalars(delivered))
+    """Every target's latest delivery (what it serves now, not what it served before a roll back) is `version`'s,
+    delivered."""
+    latest = [_latest(session, target) for target in targets(session, model)]
+    return all(row is not None and row.version == version and row.delivered_at is not None for row in latest)
+
+
+def _latest(session: Session, target: DeploymentTarget) -> Deployment | None:
+    query = select(Deployment).where(Deployment.target_id == target.id).order_by(Deployment.id.desc()).limit(1)
+    return session.scalar(query)
 
 
 def settle(session: Session, model: BaseModel, settings: Settings) -> list[ForgetRequest]:
@@ -210,9 +217,7 @@ def overview(session: Session, model: BaseModel, settings: Settings) -> Deployme
     )
     out = []
     for target in targets(session, model):
-        latest = session.scalar(
-            select(Deployment).where(Deployment.target_id == target.id).order_by(Deployment.id.desc()).limit(1)
-        )
+        latest = _latest(session, target)
         fields = {
             k: getattr(target, k)
             for k in ("id", "name", "kind", "url", "served_name", "lora_root", "api_key", "created_at")
