@@ -43,7 +43,7 @@ def serve(
     import uvicorn
 
     level = get_settings().log_level
-    # uvicorn applies the config in every worker process; its access log is replaced by app.core.request_ids'.
+    # uvicorn applies the config in every worker process; its access log is replaced by app.api.request_ids'.
     uvicorn.run(
         "app.main:create_app",
         factory=True,

@@ -47,8 +47,8 @@ def to_detail(row: AdapterVersion) -> AdapterVersionDetail:
 
 
 def move_current(session: Session, model: BaseModel, version: int, actor: str) -> AdapterVersion:
-    """Point the model's `current` alias at an existing version (roll back or forward); the caller commits, then
-    moves the store's pointer object, so the store never points at a version the database does not have."""
+    """Point the model's `current` version at an existing one (roll back or forward); the caller then moves the
+    store's alias with publishing.make_current."""
     row = get_version(session, model, version)
     previous = model.current_version
     model.current_version = version

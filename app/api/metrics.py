@@ -16,21 +16,20 @@ from sqlalchemy import ColumnElement, case, func, select
 from sqlalchemy.orm import Session
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.api.deps import SessionDep, SettingsDep, bearer
 from app.auth.service import authenticate, require_scope
 from app.base_models.models import BaseModel
+from app.core.broker import broker_queue_lengths
 from app.core.db import session_scope, utcnow
-from app.core.deps import SessionDep, SettingsDep, bearer
 from app.core.errors import error_responses
 from app.forget_requests.models import ForgetRequest, RequestStatus
 from app.jobs.models import JobStatus, UnlearningJob
-from worker.celery_app import DEFAULT_QUEUE, GPU_QUEUE, celery_app
 
 # Requests whose due date still matters: not yet completed, failed or cancelled.
 OPEN_STATUSES = (RequestStatus.pending, RequestStatus.batched, RequestStatus.running)
 FINISHED_JOB_STATUSES = (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
 JOB_DURATION_BUCKETS = (60.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 21600.0, 86400.0)
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-BROKER_TIMEOUT_SECONDS = 2.0
 
 
 def _job_seconds(session: Session) -> ColumnElement[float]:
@@ -38,17 +37,6 @@ def _job_seconds(session: Session) -> ColumnElement[float]:
     if session.get_bind().dialect.name == "sqlite":
         return (func.julianday(finished) - func.julianday(started)) * 86400.0
     return func.extract("epoch", finished - started)
-
-
-def broker_queue_lengths() -> dict[str, int] | None:
-    """Messages waiting in each queue of the broker, or None when it cannot be reached."""
-    try:
-        with celery_app.connection_for_read() as connection:
-            connection.ensure_connection(max_retries=1, timeout=BROKER_TIMEOUT_SECONDS)
-            channel = connection.default_channel
-            return {queue: channel.queue_declare(queue).message_count for queue in (GPU_QUEUE, DEFAULT_QUEUE)}
-    except Exception:  # any failure to reach it reads as "broker down", not as a failed scrape
-        return None
 
 
 class ServiceState(Collector):

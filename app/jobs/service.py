@@ -9,6 +9,7 @@ from app.adapters.models import AdapterVersion
 from app.audit.service import record
 from app.auth.models import ApiKey
 from app.base_models.models import BaseModel
+from app.core.broker import enqueue_jobs
 from app.core.config import Settings
 from app.core.db import MAX_INTEGER, utcnow
 from app.core.errors import Conflict, InvalidInput, NotFound
@@ -18,7 +19,6 @@ from app.jobs.batching import batch_pending, job_config
 from app.jobs.lifecycle import cancel
 from app.jobs.models import UNMERGE, JobStatus, UnlearningJob, job_key
 from app.jobs.schemas import JobOut
-from worker.celery_app import enqueue_jobs
 
 log = logging.getLogger(__name__)
 

@@ -57,6 +57,9 @@ def database() -> Iterator[str]:
     from app.migrate import upgrade
 
     upgrade(DATABASE_URL)
+    from app.callbacks.service import register_listeners
+
+    register_listeners()  # as the API and the worker do at startup, for tests that call services directly
     yield DATABASE_URL
     from app.core.db import get_engine
 
