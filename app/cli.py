@@ -234,11 +234,11 @@ def up(port: int = 8000, demo_size: str = "demo") -> None:
     migrate()
     from sqlalchemy import select
 
-    from app.base_models.models import BaseModel
+    from app.base_models.models import RegisteredModel
     from app.core.db import session_scope
 
     with session_scope() as session:
-        registered = session.scalar(select(BaseModel.path).where(BaseModel.name == DEMO_MODEL_NAME))
+        registered = session.scalar(select(RegisteredModel.path).where(RegisteredModel.name == DEMO_MODEL_NAME))
     if registered is None or not Path(registered).is_dir():
         demo_model(out=None, size=demo_size, name=DEMO_MODEL_NAME, register=True, seed=0)
     from app.auth.service import create_key

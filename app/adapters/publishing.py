@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from app.adapters.models import AdapterVersion
 from app.adapters.service import CURRENT, latest_version
 from app.adapters.store import ArtifactStore
-from app.base_models.models import BaseModel
+from app.base_models.models import RegisteredModel
 from app.core.db import utcnow
 from app.core.errors import Conflict
 from app.forget_requests.models import RequestStatus
@@ -99,7 +99,7 @@ def withdraw_requests(session: Session, removed_job_id: int, unmerge_job_id: int
             request.failure_reason = f"taken back out of the adapter by unmerge job {unmerge_job_id}"
 
 
-def make_current(session: Session, store: ArtifactStore, model: BaseModel, version: int) -> None:
+def make_current(session: Session, store: ArtifactStore, model: RegisteredModel, version: int) -> None:
     """Commit the transaction that made `version` the model's current one, then move the store's pointer object."""
     name = model.name
     session.commit()

@@ -6,18 +6,18 @@ from sqlalchemy.orm import Session
 from app.adapters.models import AdapterVersion
 from app.adapters.schemas import AdapterVersionDetail, AdapterVersionOut
 from app.audit.service import record
-from app.base_models.models import BaseModel
+from app.base_models.models import RegisteredModel
 from app.core.errors import NotFound
 
 CURRENT = "current"
 
 
-def list_versions(session: Session, model: BaseModel) -> list[AdapterVersion]:
+def list_versions(session: Session, model: RegisteredModel) -> list[AdapterVersion]:
     query = select(AdapterVersion).where(AdapterVersion.base_model_id == model.id).order_by(AdapterVersion.version)
     return list(session.scalars(query))
 
 
-def get_version(session: Session, model: BaseModel, version: int) -> AdapterVersion:
+def get_version(session: Session, model: RegisteredModel, version: int) -> AdapterVersion:
     row = session.scalar(
         select(AdapterVersion).where(AdapterVersion.base_model_id == model.id, AdapterVersion.version == version)
     )
@@ -26,7 +26,7 @@ def get_version(session: Session, model: BaseModel, version: int) -> AdapterVers
     return row
 
 
-def latest_version(session: Session, model: BaseModel) -> int | None:
+def latest_version(session: Session, model: RegisteredModel) -> int | None:
     return session.scalar(select(func.max(AdapterVersion.version)).where(AdapterVersion.base_model_id == model.id))
 
 
@@ -46,7 +46,7 @@ def to_detail(row: AdapterVersion) -> AdapterVersionDetail:
     return AdapterVersionDetail(**to_out(row).model_dump(), manifest=row.manifest)
 
 
-def move_current(session: Session, model: BaseModel, version: int, actor: str) -> AdapterVersion:
+def move_current(session: Session, model: RegisteredModel, version: int, actor: str) -> AdapterVersion:
     """Point the model's `current` version at an existing one (roll back or forward); the caller then moves the
     store's alias with publishing.make_current."""
     row = get_version(session, model, version)

@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.deps import SessionDep, SettingsDep, bearer
 from app.auth.service import authenticate, require_scope
-from app.base_models.models import BaseModel
+from app.base_models.models import RegisteredModel
 from app.core.broker import broker_queue_lengths
 from app.core.db import session_scope, utcnow
 from app.core.errors import error_responses
@@ -54,9 +54,9 @@ class ServiceState(Collector):
             "unlearnd_forget_requests", "Forget requests by model and status.", labels=["model", "status"]
         )
         query = (
-            select(BaseModel.name, ForgetRequest.status, func.count())
-            .join(BaseModel, ForgetRequest.base_model_id == BaseModel.id)
-            .group_by(BaseModel.name, ForgetRequest.status)
+            select(RegisteredModel.name, ForgetRequest.status, func.count())
+            .join(RegisteredModel, ForgetRequest.base_model_id == RegisteredModel.id)
+            .group_by(RegisteredModel.name, ForgetRequest.status)
         )
         for model, status, count in session.execute(query):
             family.add_metric([model, status], count)
@@ -68,9 +68,9 @@ class ServiceState(Collector):
             "unlearnd_queue_depth", "Jobs queued in the database, waiting for a worker, by model.", labels=["model"]
         )
         by_status = (
-            select(BaseModel.name, UnlearningJob.status, func.count())
-            .join(BaseModel, UnlearningJob.base_model_id == BaseModel.id)
-            .group_by(BaseModel.name, UnlearningJob.status)
+            select(RegisteredModel.name, UnlearningJob.status, func.count())
+            .join(RegisteredModel, UnlearningJob.base_model_id == RegisteredModel.id)
+            .group_by(RegisteredModel.name, UnlearningJob.status)
         )
         for model, status, count in session.execute(by_status):
             jobs.add_metric([model, status], count)
@@ -89,14 +89,14 @@ class ServiceState(Collector):
         seconds = _job_seconds(session)
         buckets = [func.sum(case((seconds <= bound, 1), else_=0)) for bound in JOB_DURATION_BUCKETS]
         query = (
-            select(BaseModel.name, UnlearningJob.status, func.count(), func.sum(seconds), *buckets)
-            .join(BaseModel, UnlearningJob.base_model_id == BaseModel.id)
+            select(RegisteredModel.name, UnlearningJob.status, func.count(), func.sum(seconds), *buckets)
+            .join(RegisteredModel, UnlearningJob.base_model_id == RegisteredModel.id)
             .where(
                 UnlearningJob.status.in_(FINISHED_JOB_STATUSES),
                 UnlearningJob.started_at.is_not(None),
                 UnlearningJob.finished_at.is_not(None),
             )
-            .group_by(BaseModel.name, UnlearningJob.status)
+            .group_by(RegisteredModel.name, UnlearningJob.status)
         )
         for model, status, count, total, *cumulative in session.execute(query):
             counts = [(str(bound), int(n)) for bound, n in zip(JOB_DURATION_BUCKETS, cumulative, strict=True)]
@@ -117,8 +117,8 @@ class ServiceState(Collector):
         now = utcnow()
         per_model: dict[str, float] = {}
         query = (
-            select(ForgetRequest.id, BaseModel.name, ForgetRequest.status, ForgetRequest.due_at)
-            .join(BaseModel, ForgetRequest.base_model_id == BaseModel.id)
+            select(ForgetRequest.id, RegisteredModel.name, ForgetRequest.status, ForgetRequest.due_at)
+            .join(RegisteredModel, ForgetRequest.base_model_id == RegisteredModel.id)
             .where(ForgetRequest.status.in_(OPEN_STATUSES))
         )
         for request_id, model, status, due_at in session.execute(query):

@@ -165,7 +165,7 @@ def test_two_sqlite_batchers_serialise_on_the_writer_lock(tmp_path, settings):
     from sqlalchemy.orm import Session
 
     from app.auth.models import ApiKey
-    from app.base_models.models import BaseModel
+    from app.base_models.models import RegisteredModel
     from app.core.db import make_engine
     from app.forget_requests.models import ForgetRequest
     from app.jobs.batching import batch_pending
@@ -176,7 +176,7 @@ def test_two_sqlite_batchers_serialise_on_the_writer_lock(tmp_path, settings):
     engine = make_engine(url)
     with Session(engine) as session:
         key = ApiKey(name="k", key_hash="0" * 64, prefix="unl_", scopes=["admin"])
-        model = BaseModel(name="m", path="/m", tokenizer_path="/m", weights_sha256="0" * 64, retain_corpus="/r",
+        model = RegisteredModel(name="m", path="/m", tokenizer_path="/m", weights_sha256="0" * 64, retain_corpus="/r",
                           holdout_corpus="/h")  # fmt: skip
         session.add_all([key, model])
         session.flush()

@@ -13,7 +13,7 @@ from datetime import timedelta
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.base_models.models import BaseModel
+from app.base_models.models import RegisteredModel
 from app.core.config import Settings
 from app.core.db import utcnow
 from app.forget_requests.items import open_items
@@ -89,7 +89,7 @@ def claim(session: Session, job_id: int, settings: Settings) -> JobInputs | None
     if job.not_before is not None and job.not_before > now:
         log.info("job %s waits until %s; reconciliation sends it then", job_id, job.not_before.isoformat())
         return None
-    session.get(BaseModel, job.base_model_id, with_for_update=True)  # serialises the model's job starts
+    session.get(RegisteredModel, job.base_model_id, with_for_update=True)  # serialises the model's job starts
     running = UnlearningJob.base_model_id == job.base_model_id, UnlearningJob.status.in_(ACTIVE)
     if session.scalar(select(func.count()).where(*running)):
         # jobs of one model are serial: each fuses onto the version the previous one publishes
