@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -36,7 +37,7 @@ def start(args: list[str], log: Path, env: dict[str, str] | None = None) -> subp
     """Run `unlearnd <args>` in the background with output to `log`."""
     handle = log.open("ab")
     return subprocess.Popen(
-        [sys.executable, "-m", "app.cli", *args],
+        [sys.executable, "-m", "unlearnd.cli", *args],
         stdout=handle,
         stderr=subprocess.STDOUT,
         cwd=ROOT,
@@ -46,13 +47,18 @@ def start(args: list[str], log: Path, env: dict[str, str] | None = None) -> subp
 
 
 def stop(process: subprocess.Popen, timeout: float = 30) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    """SIGTERM, then SIGKILL after `timeout`; to the whole process group when the process leads one (as `start`'s
+    do), so the children it started (uvicorn's worker processes) stop with it."""
+    if process.poll() is not None:
+        return
+    leads_group = os.getpgid(process.pid) == process.pid
+    send = (lambda sig: os.killpg(process.pid, sig)) if leads_group else process.send_signal
+    send(signal.SIGTERM)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        send(signal.SIGKILL)
+        process.wait()
 
 
 def start_api(log: Path, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
