@@ -32,6 +32,16 @@ JOB_DURATION_BUCKETS = (60.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 21600.0, 864
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
+def _counts(session: Session, entity: type[ForgetRequest] | type[UnlearningJob]) -> Iterator[tuple[str, str, int]]:
+    """(model name, status, rows) of a table whose rows belong to a model and have a status."""
+    query = (
+        select(RegisteredModel.name, entity.status, func.count())
+        .join(RegisteredModel, entity.base_model_id == RegisteredModel.id)
+        .group_by(RegisteredModel.name, entity.status)
+    )
+    yield from session.execute(query)
+
+
 def _job_seconds(session: Session) -> ColumnElement[float]:
     started, finished = UnlearningJob.started_at, UnlearningJob.finished_at
     if session.get_bind().dialect.name == "sqlite":
@@ -53,12 +63,7 @@ class ServiceState(Collector):
         family = GaugeMetricFamily(
             "unlearnd_forget_requests", "Forget requests by model and status.", labels=["model", "status"]
         )
-        query = (
-            select(RegisteredModel.name, ForgetRequest.status, func.count())
-            .join(RegisteredModel, ForgetRequest.base_model_id == RegisteredModel.id)
-            .group_by(RegisteredModel.name, ForgetRequest.status)
-        )
-        for model, status, count in session.execute(query):
+        for model, status, count in _counts(session, ForgetRequest):
             family.add_metric([model, status], count)
         return family
 
@@ -67,12 +72,7 @@ class ServiceState(Collector):
         queued = GaugeMetricFamily(
             "unlearnd_queue_depth", "Jobs queued in the database, waiting for a worker, by model.", labels=["model"]
         )
-        by_status = (
-            select(RegisteredModel.name, UnlearningJob.status, func.count())
-            .join(RegisteredModel, UnlearningJob.base_model_id == RegisteredModel.id)
-            .group_by(RegisteredModel.name, UnlearningJob.status)
-        )
-        for model, status, count in session.execute(by_status):
+        for model, status, count in _counts(session, UnlearningJob):
             jobs.add_metric([model, status], count)
             if status == JobStatus.queued:
                 queued.add_metric([model], count)
