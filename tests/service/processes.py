@@ -47,17 +47,18 @@ def start(args: list[str], log: Path, env: dict[str, str] | None = None) -> subp
 
 
 def stop(process: subprocess.Popen, timeout: float = 30) -> None:
-    """SIGTERM, then SIGKILL after `timeout`; to the whole process group when the process leads one (as `start`'s
-    do), so the children it started (uvicorn's worker processes) stop with it."""
+    """SIGTERM, then SIGKILL after `timeout`: the SIGKILL to the whole process group when the process leads one (as
+    `start`'s do), so no child it started (uvicorn's worker processes) is left behind."""
     if process.poll() is not None:
         return
-    leads_group = os.getpgid(process.pid) == process.pid
-    send = (lambda sig: os.killpg(process.pid, sig)) if leads_group else process.send_signal
-    send(signal.SIGTERM)
+    process.terminate()
     try:
         process.wait(timeout)
     except subprocess.TimeoutExpired:
-        send(signal.SIGKILL)
+        if os.getpgid(process.pid) == process.pid:
+            os.killpg(process.pid, signal.SIGKILL)
+        else:
+            process.kill()
         process.wait()
 
 
