@@ -1,1 +1,0 @@
-"""The `unlearnd` command, above the service (app) and the worker, which it starts."""
