@@ -339,7 +339,7 @@ def api_server(workers: int, port: int, env: dict[str, str], work_dir: Path, log
     with log_path.open("wb") as out:
         command = ["serve", "--host", HOST, "--port", str(port), "--workers", str(workers)]
         process = subprocess.Popen(
-            [sys.executable, "-m", "unlearnd.cli", *command],
+            [sys.executable, "-m", "worker.cli", *command],
             stdout=out, stderr=subprocess.STDOUT, env=env, cwd=work_dir, start_new_session=True,
         )  # fmt: skip
     base_url = f"http://{HOST}:{port}"

@@ -247,7 +247,7 @@ def up(port: int = 8000, demo_size: str = "demo") -> None:
         _, secret = create_key(session, "admin (unlearnd up)", ["admin"])
         session.commit()
     typer.echo(f"\nadmin API key (shown once): {secret}\nAPI: http://127.0.0.1:{port}  docs: /docs\n")
-    exe = [sys.executable, "-m", "unlearnd.cli"]
+    exe = [sys.executable, "-m", "worker.cli"]
     for stop_signal in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, or a process manager stopping us
         signal.signal(stop_signal, _stop_children)
     processes = [

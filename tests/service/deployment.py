@@ -32,7 +32,7 @@ class Deployment:
 
     def cli(self, *args: str) -> str:
         done = subprocess.run(
-            [sys.executable, "-m", "unlearnd.cli", *args],
+            [sys.executable, "-m", "worker.cli", *args],
             cwd=ROOT,
             env={**os.environ, **self.env},
             capture_output=True,

@@ -37,7 +37,7 @@ def start(args: list[str], log: Path, env: dict[str, str] | None = None) -> subp
     """Run `unlearnd <args>` in the background with output to `log`."""
     handle = log.open("ab")
     return subprocess.Popen(
-        [sys.executable, "-m", "unlearnd.cli", *args],
+        [sys.executable, "-m", "worker.cli", *args],
         stdout=handle,
         stderr=subprocess.STDOUT,
         cwd=ROOT,
