@@ -280,8 +280,17 @@ def unlearn(
             checkpoint()
     model.eval()
     if stop_reason == "cancelled":  # the attempt is handed on from its checkpoint: an evaluation would only delay that
-        return UnlearnResult(model, stop_reason, step, curve, target, items_before, items_after=[],
-                             metrics_before=metrics_before, metrics_after={})  # fmt: skip
+        return UnlearnResult(
+            model,
+            stop_reason,
+            step,
+            curve,
+            target,
+            items_before,
+            items_after=[],
+            metrics_before=metrics_before,
+            metrics_after={},
+        )
     stop_reason = stop_reason or "step_budget"
 
     after = _evaluation(model, sets, config)
