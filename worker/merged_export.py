@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from app.adapters.service import get_version
 from app.adapters.store import MANIFEST, artifact_store, folder_manifest
-from app.base_models.models import BaseModel
+from app.base_models.models import RegisteredModel
 from app.core.config import Settings
 from app.core.db import session_scope, utcnow
 from app.deployments.models import ExportStatus, MergedExport
@@ -36,7 +36,8 @@ from app.jobs.lifecycle import forgotten_requests
 from app.jobs.models import UnlearningJob, job_id_of
 from worker.engine import verify_model
 from worker.engine.merge import base_dtype, merge_adapter, metric_drift, save_merged
-from worker.job_runner import engine_settings, read_items
+from worker.job.claim import read_items
+from worker.job_runner import engine_settings
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def _held(session: Session, key: str, publishing_job: UnlearningJob, settings: S
     return [item for request in requests for item in open_items(request, settings)]
 
 
-def export_inputs(session: Session, model: BaseModel, version: int, settings: Settings) -> ExportInputs:
+def export_inputs(session: Session, model: RegisteredModel, version: int, settings: Settings) -> ExportInputs:
     row = get_version(session, model, version)
     verification = row.metrics.get("verification", {})
     publishing = session.get(UnlearningJob, row.job_id)

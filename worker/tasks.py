@@ -6,16 +6,8 @@ from celery import Task
 
 import app.models  # noqa: F401  (maps every table, so foreign keys resolve in a worker process)
 from app.callbacks.delivery import deliver
-from app.callbacks.service import dispatch, overdue_deliveries
-from app.core.config import get_settings
-from app.core.db import session_scope
-from app.deployments import delivery as deployment_delivery
-from app.deployments.service import dispatch as dispatch_deployments
-from app.deployments.service import overdue_deployments
-from app.jobs.reconcile import reconcile
-from app.jobs.service import run_batcher
-from app.retention.service import shred_due
-from worker.celery_app import (
+from app.callbacks.service import dispatch, overdue_deliveries, register_listeners
+from app.core.broker import (
     BATCH_PENDING,
     DELIVER_CALLBACK,
     DELIVER_DEPLOYMENT,
@@ -25,8 +17,20 @@ from worker.celery_app import (
     REDELIVER_DEPLOYMENTS,
     RUN_JOB,
     SHRED_DUE,
-    celery_app,
 )
+from app.core.config import get_settings
+from app.core.db import session_scope
+from app.deployments import delivery as deployment_delivery
+from app.deployments.service import dispatch as dispatch_deployments
+from app.deployments.service import overdue_deployments
+from app.deployments.service import register_listeners as register_deployment_listeners
+from app.jobs.reconcile import reconcile
+from app.jobs.service import run_batcher
+from app.retention.service import shred_due
+from worker.celery_app import celery_app
+
+register_listeners()  # status changes made by jobs and scheduled tasks send their callbacks
+register_deployment_listeners()  # moves of `current` made by jobs send their deployments
 
 
 def scheduler(task: Task) -> str:

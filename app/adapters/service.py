@@ -6,7 +6,7 @@ from sqlalchemy.orm import Session
 from app.adapters.models import AdapterVersion
 from app.adapters.schemas import AdapterVersionDetail, AdapterVersionOut
 from app.audit.service import record
-from app.base_models.models import BaseModel
+from app.base_models.models import RegisteredModel
 from app.core.errors import Conflict, NotFound
 from app.deployments.service import MOVED, on_alias_moved
 from app.forget_requests.models import ForgetRequest, RequestStatus
@@ -16,12 +16,12 @@ CURRENT = "current"
 MAX_LISTED = 20  # request ids named in a refusal
 
 
-def list_versions(session: Session, model: BaseModel) -> list[AdapterVersion]:
+def list_versions(session: Session, model: RegisteredModel) -> list[AdapterVersion]:
     query = select(AdapterVersion).where(AdapterVersion.base_model_id == model.id).order_by(AdapterVersion.version)
     return list(session.scalars(query))
 
 
-def get_version(session: Session, model: BaseModel, version: int) -> AdapterVersion:
+def get_version(session: Session, model: RegisteredModel, version: int) -> AdapterVersion:
     row = session.scalar(
         select(AdapterVersion).where(AdapterVersion.base_model_id == model.id, AdapterVersion.version == version)
     )
@@ -30,7 +30,7 @@ def get_version(session: Session, model: BaseModel, version: int) -> AdapterVers
     return row
 
 
-def latest_version(session: Session, model: BaseModel) -> int | None:
+def latest_version(session: Session, model: RegisteredModel) -> int | None:
     return session.scalar(select(func.max(AdapterVersion.version)).where(AdapterVersion.base_model_id == model.id))
 
 
@@ -50,7 +50,7 @@ def to_detail(row: AdapterVersion) -> AdapterVersionDetail:
     return AdapterVersionDetail(**to_out(row).model_dump(), manifest=row.manifest)
 
 
-def uncovered_requests(session: Session, model: BaseModel, row: AdapterVersion) -> list[str]:
+def uncovered_requests(session: Session, model: RegisteredModel, row: AdapterVersion) -> list[str]:
     """Ids of the model's completed requests (and those waiting for deployment) whose job `row` does not fuse:
     serving it would bring their records back."""
     done = session.execute(
@@ -69,10 +69,10 @@ def uncovered_requests(session: Session, model: BaseModel, row: AdapterVersion) 
 
 
 def move_current(
-    session: Session, model: BaseModel, version: int, actor: str, force: bool = False, reason: str | None = None
+    session: Session, model: RegisteredModel, version: int, actor: str, force: bool = False, reason: str | None = None
 ) -> AdapterVersion:
-    """Point the model's `current` alias at an existing version (roll back or forward); the caller commits, then
-    moves the store's pointer object, so the store never points at a version the database does not have.
+    """Point the model's `current` version at an existing one (roll back or forward); the caller then moves the
+    store's alias with publishing.make_current.
 
     A version that does not cover every completed request is refused (409) unless forced: a compliance action,
     audited with its reason and the requests it uncovers."""

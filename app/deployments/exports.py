@@ -9,17 +9,17 @@ from sqlalchemy.orm import Session
 
 from app.adapters.service import get_version
 from app.audit.service import record
-from app.base_models.models import BaseModel
+from app.base_models.models import RegisteredModel
+from app.core.broker import enqueue_exports
 from app.core.db import utcnow
 from app.core.errors import Conflict, NotFound
 from app.deployments.models import MergedExport
 from app.deployments.schemas import ExportCreate, ExportOut
-from worker.celery_app import enqueue_exports
 
 log = logging.getLogger(__name__)
 
 
-def create_export(session: Session, model: BaseModel, data: ExportCreate, actor: str) -> MergedExport:
+def create_export(session: Session, model: RegisteredModel, data: ExportCreate, actor: str) -> MergedExport:
     """Queue an export of `data.version` (default: `current`); the caller commits, then sends it."""
     version = data.version or model.current_version
     if version is None:
@@ -40,7 +40,7 @@ def send(session: Session, export: MergedExport) -> None:
         session.commit()
 
 
-def get_export(session: Session, model: BaseModel, export_id: int) -> MergedExport:
+def get_export(session: Session, model: RegisteredModel, export_id: int) -> MergedExport:
     export = session.scalar(
         select(MergedExport).where(MergedExport.id == export_id, MergedExport.base_model_id == model.id)
     )

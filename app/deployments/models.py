@@ -6,7 +6,7 @@ from datetime import datetime
 from sqlalchemy import ForeignKey, Index, String, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from app.base_models.models import BaseModel
+from app.base_models.models import RegisteredModel
 from app.core.db import Base, BigIntKey, utcnow
 
 
@@ -31,7 +31,7 @@ class DeploymentTarget(Base):
     api_key: Mapped[str | None] = mapped_column(String(100))  # vLLM: the name of a key in deployment_api_keys
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
-    base_model: Mapped[BaseModel] = relationship(lazy="joined")
+    base_model: Mapped[RegisteredModel] = relationship(lazy="joined")
 
 
 class Deployment(Base):
@@ -90,4 +90,4 @@ class MergedExport(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None]
 
-    base_model: Mapped[BaseModel] = relationship(lazy="joined")
+    base_model: Mapped[RegisteredModel] = relationship(lazy="joined")

@@ -1,9 +1,9 @@
 """Deployment targets of a model, the deliveries of each move of its `current` alias, and completion on deployment.
 
 A move of `current` (a publish, a roll back or forward) adds one delivery row per target in the caller's
-transaction; the rows' ids go to the default queue once it commits, and the scheduler re-sends those whose message
-was lost. In the `deployed` completion mode a request whose version was published stays `running` until the
-model's `current` version, covering it, has been delivered to every target.
+transaction; the rows' ids go to the default queue once it commits (`register_listeners`), and the scheduler
+re-sends those whose message was lost. In the `deployed` completion mode a request whose version was published
+stays `running` until the model's `current` version, covering it, has been delivered to every target.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from sqlalchemy.orm import Session, UOWTransaction
 
 from app.adapters.models import AdapterVersion
 from app.audit.service import record
-from app.base_models.models import BaseModel
+from app.base_models.models import RegisteredModel
 from app.callbacks.service import dispatch as send_ids
 from app.callbacks.service import overdue_deliveries
 from app.callbacks.targets import check_callback_url
+from app.core.broker import enqueue_deployments
 from app.core.config import Settings
 from app.core.db import utcnow
 from app.core.errors import Conflict, InvalidInput, NotFound
@@ -26,23 +27,22 @@ from app.deployments.models import Deployment, DeploymentTarget, TargetKind
 from app.deployments.schemas import CompletionMode, DeploymentOut, DeploymentsOut, TargetCreate, TargetOut
 from app.forget_requests.models import ForgetRequest, RequestStatus
 from app.jobs.models import UNMERGE, JobStatus, UnlearningJob, job_key, job_requests
-from worker.celery_app import enqueue_deployments
 
 PUBLISHED, MOVED = "adapter.published", "alias.moved"
 UNSENT = "unlearnd.unsent_deployments"  # ids flushed in a session's transaction, sent once it commits
 RECENT = 50
 
 
-def completion_mode(model: BaseModel, settings: Settings) -> CompletionMode:
+def completion_mode(model: RegisteredModel, settings: Settings) -> CompletionMode:
     return model.completion_mode or settings.completion_mode
 
 
-def targets(session: Session, model: BaseModel) -> list[DeploymentTarget]:
+def targets(session: Session, model: RegisteredModel) -> list[DeploymentTarget]:
     query = select(DeploymentTarget).where(DeploymentTarget.base_model_id == model.id).order_by(DeploymentTarget.id)
     return list(session.scalars(query))
 
 
-def _checked(model: BaseModel, data: TargetCreate, settings: Settings) -> DeploymentTarget:
+def _checked(model: RegisteredModel, data: TargetCreate, settings: Settings) -> DeploymentTarget:
     """The target to store, once its URL passes the callbacks' SSRF checks and its fields fit its kind."""
     check_callback_url(data.url, settings, field="url")
     if data.kind == TargetKind.webhook:
@@ -69,7 +69,7 @@ def _checked(model: BaseModel, data: TargetCreate, settings: Settings) -> Deploy
 
 
 def create_target(
-    session: Session, model: BaseModel, data: TargetCreate, settings: Settings, actor: str
+    session: Session, model: RegisteredModel, data: TargetCreate, settings: Settings, actor: str
 ) -> DeploymentTarget:
     """Add a target (caller commits); it is sent the `current` version at once, if there is one."""
     if any(t.name == data.name for t in targets(session, model)):
@@ -92,7 +92,7 @@ def create_target(
     return target
 
 
-def get_target(session: Session, model: BaseModel, name: str) -> DeploymentTarget:
+def get_target(session: Session, model: RegisteredModel, name: str) -> DeploymentTarget:
     target = session.scalar(
         select(DeploymentTarget).where(DeploymentTarget.base_model_id == model.id, DeploymentTarget.name == name)
     )
@@ -101,7 +101,7 @@ def get_target(session: Session, model: BaseModel, name: str) -> DeploymentTarge
     return target
 
 
-def delete_target(session: Session, model: BaseModel, name: str, settings: Settings, actor: str) -> None:
+def delete_target(session: Session, model: RegisteredModel, name: str, settings: Settings, actor: str) -> None:
     target = get_target(session, model, name)
     session.delete(target)
     session.flush()
@@ -110,7 +110,7 @@ def delete_target(session: Session, model: BaseModel, name: str, settings: Setti
 
 
 def set_completion_mode(
-    session: Session, model: BaseModel, mode: CompletionMode | None, settings: Settings, actor: str
+    session: Session, model: RegisteredModel, mode: CompletionMode | None, settings: Settings, actor: str
 ) -> None:
     previous, model.completion_mode = model.completion_mode, mode
     record(
@@ -132,20 +132,20 @@ def _delivery(target: DeploymentTarget, version: int, previous: int | None, kind
     )
 
 
-def on_alias_moved(session: Session, model: BaseModel, version: int, previous: int | None, kind: str) -> None:
+def on_alias_moved(session: Session, model: RegisteredModel, version: int, previous: int | None, kind: str) -> None:
     """`current` moves to `version` in the caller's transaction: one delivery per target, sent once it commits."""
     for target in targets(session, model):
         session.add(_delivery(target, version, previous, kind))
 
 
-def redeliver(session: Session, model: BaseModel, actor: str) -> None:
+def redeliver(session: Session, model: RegisteredModel, actor: str) -> None:
     if model.current_version is None:
         raise Conflict(f"model '{model.name}' has no `current` version to deliver")
     record(session, actor, "deployment.redelivered", "base_model", model.id, version=model.current_version)
     on_alias_moved(session, model, model.current_version, model.current_version, MOVED)
 
 
-def completion_status(session: Session, model: BaseModel, settings: Settings) -> RequestStatus:
+def completion_status(session: Session, model: RegisteredModel, settings: Settings) -> RequestStatus:
     """What a request becomes when a version covering it is published: completed, or still running until that
     version has been deployed to every target."""
     if completion_mode(model, settings) == "deployed" and targets(session, model):
@@ -153,7 +153,7 @@ def completion_status(session: Session, model: BaseModel, settings: Settings) ->
     return RequestStatus.completed
 
 
-def _deployed_everywhere(session: Session, model: BaseModel, version: int) -> bool:
+def _deployed_everywhere(session: Session, model: RegisteredModel, version: int) -> bool:
     """Every target's latest delivery (what it serves now, not what it served before a roll back) is `version`'s,
     delivered."""
     latest = [_latest(session, target) for target in targets(session, model)]
@@ -165,7 +165,7 @@ def _latest(session: Session, target: DeploymentTarget) -> Deployment | None:
     return session.scalar(query)
 
 
-def settle(session: Session, model: BaseModel, settings: Settings) -> list[ForgetRequest]:
+def settle(session: Session, model: RegisteredModel, settings: Settings) -> list[ForgetRequest]:
     """Complete the requests waiting for deployment that `current` covers, once it is deployed where it must be."""
     version = model.current_version
     if version is None:
@@ -205,7 +205,7 @@ def to_out(row: Deployment) -> DeploymentOut:
     )  # fmt: skip
 
 
-def overview(session: Session, model: BaseModel, settings: Settings) -> DeploymentsOut:
+def overview(session: Session, model: RegisteredModel, settings: Settings) -> DeploymentsOut:
     rows = list(
         session.scalars(
             select(Deployment)
@@ -267,6 +267,20 @@ def _remember(session: Session, _context: UOWTransaction) -> None:
         session.info.setdefault(UNSENT, []).extend(ids)
 
 
-event.listen(Session, "after_flush", _remember)
-event.listen(Session, "after_commit", lambda session: dispatch(session.info.pop(UNSENT, [])))
-event.listen(Session, "after_rollback", lambda session: session.info.pop(UNSENT, None))
+def _send(session: Session) -> None:
+    dispatch(session.info.pop(UNSENT, []))
+
+
+def _drop(session: Session) -> None:
+    session.info.pop(UNSENT, None)
+
+
+LISTENERS = (("after_flush", _remember), ("after_commit", _send), ("after_rollback", _drop))
+
+
+def register_listeners() -> None:
+    """Make every Session send the deliveries it added once it commits (idempotent); each process that moves
+    `current` calls it, as it does the callbacks' register_listeners."""
+    for name, listener in LISTENERS:
+        if not event.contains(Session, name, listener):
+            event.listen(Session, name, listener)

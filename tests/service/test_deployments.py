@@ -44,17 +44,18 @@ def model(client, admin_key, tiny_demo_model) -> str:
     return register_demo_model(client, tiny_demo_model, auth(admin_key))
 
 
-def publish_version(name: str, fused, corpora, settings, complete: bool = False) -> tuple[int, str, str]:
-    """What train_and_fuse does once its version passed the gate: publish (and complete the requests), commit, move
-    the store's pointer. Returns (version, request id, status the request was left in)."""
-    from app.adapters.service import CURRENT, latest_version
+def publish_version(name: str, fused, corpora, settings) -> tuple[int, str, str]:
+    """What train_and_fuse does once its version passed the gate (publish_fused: publish, complete the requests,
+    commit, move the store's pointer). Returns (version, request id, the request's status right after)."""
+    from app.adapters.service import latest_version
     from app.adapters.store import artifact_store
     from app.base_models.service import get_by_name
     from app.core.db import session_scope
     from app.forget_requests.models import ForgetRequest
     from app.jobs.models import job_key
     from worker.engine import FusionSettings, UnlearnConfig
-    from worker.job_runner import JobInputs, complete_requests, engine_dict, publish, version_metrics
+    from worker.job.claim import JobInputs
+    from worker.job.publishing import engine_dict, publish_fused, version_metrics
 
     job_id, request_id = job_row(name, corpora["forget"], "publishing")
     # the run's statistics and verification under this job's key, as if this job had trained them
@@ -77,16 +78,13 @@ def publish_version(name: str, fused, corpora, settings, complete: bool = False)
             forget_items=corpora["forget"], items_per_request=[(request_id, 2)], retain_items=[], holdout_items=[],
             held_sets={},
         )  # fmt: skip
-        number = publish(
-            session, inputs, latest_version(session, model), version, version_metrics(version, config, fusion),
-            engine_dict(config, fusion), settings,
-        )  # fmt: skip
-        if complete:
-            complete_requests(session, inputs, [{}, {}], [{}, {}], settings)
-        session.flush()
+        parent = latest_version(session, model)
+    number = publish_fused(
+        artifact_store(settings), inputs, parent, version, version_metrics(version, config, fusion),
+        engine_dict(config, fusion), {request_id: [{"before": m, "after": m} for m in version.verification.items[key]]},
+    )  # fmt: skip
+    with session_scope() as session:
         status = session.get(ForgetRequest, uuid.UUID(request_id)).status
-        session.commit()
-    artifact_store(settings).set_alias(name, CURRENT, number)
     return number, request_id, status
 
 
@@ -159,9 +157,9 @@ def test_deployed_mode_completes_a_request_only_once_its_version_reached_every_t
         ).status_code
         == 201
     )
-    vllm.fail_next(LOAD, 1)
+    vllm.fail_next(LOAD, 2)  # the request is read while the target still fails
 
-    version, request_id, status = publish_version(model, fused, corpora, settings, complete=True)
+    version, request_id, status = publish_version(model, fused, corpora, settings)
     assert status == "running"  # published, not yet deployed
     wait_until(lambda: settled(client, admin_key, model, 1), 60, "the version delivered")
     request = client.get(f"/v1/forget-requests/{request_id}", headers=auth(admin_key)).json()
@@ -184,7 +182,7 @@ def test_a_request_waiting_on_a_failing_target_completes_when_the_mode_goes_back
     )
     vllm.fail_next(UNLOAD, 1000)  # a server that keeps failing: the delivery keeps being retried
     try:
-        _, request_id, status = publish_version(model, fused, corpora, settings, complete=True)
+        _, request_id, status = publish_version(model, fused, corpora, settings)
         assert status == "running"
         wait_until(lambda: deployments(client, admin_key, model)["deployments"][0]["attempts"] >= 2, 60, "retries")
         assert client.get(f"/v1/forget-requests/{request_id}", headers=auth(admin_key)).json()["status"] == "running"
@@ -339,7 +337,7 @@ def test_an_export_job_writes_the_merged_checkpoint_into_the_store_with_the_gate
     from app.adapters.store import MANIFEST
     from worker.merged_export import run_export
 
-    version, _, _ = publish_version(model, fused, corpora, settings, complete=True)
+    version, _, _ = publish_version(model, fused, corpora, settings)
     queued = client.post(f"/v1/models/{model}/exports", headers=auth(admin_key), json={"dtype": "base"})
     assert queued.status_code == 202, queued.text
     assert (queued.json()["status"], queued.json()["version"]) == ("queued", version)
@@ -367,9 +365,9 @@ def test_export_merged_cli_writes_a_bf16_checkpoint_that_reproduces_the_versions
 ):
     from typer.testing import CliRunner
 
-    from app.cli import cli
+    from worker.cli import cli
 
-    version, _, _ = publish_version(model, fused, corpora, settings, complete=True)
+    version, _, _ = publish_version(model, fused, corpora, settings)
     out = tmp_path / "merged"
     result = CliRunner().invoke(cli, ["export-merged", model, str(out), "--version", str(version)])
     assert result.exit_code == 0, result.output
