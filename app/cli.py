@@ -130,7 +130,7 @@ def verify_certificate(
     """Check a forget certificate offline: exit 0 if its signature matches its payload and the key, 1 if not."""
     import json
 
-    from app.core.keys import KeyConfigurationError, load_public_key_pem, signing_key
+    from app.core.certificate_key import KeyConfigurationError, load_public_key_pem, signing_key
     from app.evidence.signing import InvalidCertificate, verify
 
     try:

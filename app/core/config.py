@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -16,6 +17,7 @@ class Settings(BaseSettings):
     # Storage. Defaults are embedded (no server needed); production sets URLs from the environment.
     data_dir: Path = Path("var")
     database_url: str = ""  # default: sqlite under data_dir
+    sqlite_busy_timeout_seconds: float = Field(default=5.0, gt=0, le=60)  # a locked write waits this long, then 503
     broker_url: str = "filesystem://"  # kombu's filesystem transport under data_dir; production: redis://...
     artifact_dir: Path | None = None  # local artifact store root; default: data_dir/artifacts
     # S3-compatible artifact store (MinIO, AWS S3, ...): used when s3_bucket is set.
@@ -62,9 +64,19 @@ class Settings(BaseSettings):
     # Legal deadline for a deletion request (GDPR Art. 12(3): one month from receipt).
     deadline_months: int = Field(default=1, gt=0)
 
-    # Keys. Unset: generated once under data_dir/keys (embedded default only; production sets them).
-    master_key: SecretStr | None = None  # base64 of 32 bytes: wraps each request's data key (AES-256-GCM)
-    master_key_file: Path | None = None  # a file holding that base64 value
+    # Key custody (app/core/key_store.py): epoch keys that wrap each request's data key, outside the database.
+    key_store: Literal["local", "kms"] = "local"
+    key_store_dir: Path | None = None  # local store: one file per epoch; default data_dir/keys
+    kms_region: str = "us-east-1"  # kms store: one AWS KMS key per epoch, under the aliases below
+    kms_endpoint_url: str | None = None
+    kms_access_key_id: str | None = None
+    kms_secret_access_key: SecretStr | None = None
+    kms_alias_prefix: str = Field(default="unlearnd", pattern=r"^[A-Za-z0-9/_-]{1,200}$")
+    kms_deletion_window_days: int = Field(default=7, ge=7, le=30)  # KMS's own bounds; the key is disabled at once
+    # Legacy (before key epochs): base64 of 32 bytes that wrapped data keys; read only to re-wrap them.
+    master_key: SecretStr | None = None
+    master_key_file: Path | None = None
+    # Certificate signing key. Unset: generated once under data_dir/keys (embedded default only; production sets it).
     signing_key: SecretStr | None = None  # PEM (PKCS#8) Ed25519 private key that signs forget certificates
     signing_key_file: Path | None = None  # a file holding that PEM
 

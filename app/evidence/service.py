@@ -8,10 +8,10 @@ from datetime import datetime
 from sqlalchemy.orm import Session
 
 from app.adapters.models import AdapterVersion
+from app.core.certificate_key import key_id, public_key_pem, signing_key
 from app.core.config import Settings
 from app.core.db import utcnow
 from app.core.errors import Conflict
-from app.core.keys import key_id, public_key_pem, signing_key
 from app.evidence.coverage import coverage
 from app.evidence.schemas import SignedCertificate, SigningKeyOut
 from app.evidence.signing import ALGORITHM, sign

@@ -9,7 +9,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from app.core.canonical import canonical_json
-from app.core.keys import key_id
+from app.core.certificate_key import key_id
 
 ALGORITHM = "Ed25519"
 

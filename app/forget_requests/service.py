@@ -19,7 +19,7 @@ from app.core.canonical import canonical_json
 from app.core.config import Settings
 from app.core.db import utcnow
 from app.core.errors import Conflict, InvalidInput, NotFound
-from app.forget_requests.items import seal_items
+from app.forget_requests.items import item_sha256, seal_items
 from app.forget_requests.models import ForgetRequest, RequestStatus
 from app.forget_requests.schemas import ForgetRequestCreate, ForgetRequestOut
 
@@ -90,6 +90,7 @@ def submit(session: Session, key: ApiKey, data: ForgetRequestCreate, settings: S
     callback_urls = [str(url) for url in data.status_callback_urls or []]
     check_callback_urls(callback_urls, settings)
     now = utcnow()
+    items = [item.model_dump(exclude_none=True) for item in data.items]
     request = ForgetRequest(
         id=uuid.uuid4(),
         api_key_id=key.id,
@@ -101,8 +102,8 @@ def submit(session: Session, key: ApiKey, data: ForgetRequestCreate, settings: S
         received_at=now,
         due_at=add_calendar_months(now, settings.deadline_months),
         status_callback_urls=callback_urls,
+        item_sha256s=[item_sha256(item) for item in items],
     )
-    seal_items(request, [item.model_dump(exclude_none=True) for item in data.items], settings)
     session.add(request)
     try:
         session.flush()
@@ -113,6 +114,8 @@ def submit(session: Session, key: ApiKey, data: ForgetRequestCreate, settings: S
         if original is None:
             raise
         return _replay(original, digest), False
+    # Sealed once the row is written: a key epoch advance then waits for this transaction (app/retention/epochs.py).
+    seal_items(request, items, settings)
     record(
         session,
         key.actor,

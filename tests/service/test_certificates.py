@@ -31,7 +31,7 @@ def served(client, reader_key, model_name) -> dict:
 
 @pytest.fixture(scope="module")
 def public_key(client):
-    from app.core.keys import load_public_key_pem
+    from app.core.certificate_key import load_public_key_pem
 
     response = client.get("/v1/keys/certificate-signing")
     assert response.status_code == 200

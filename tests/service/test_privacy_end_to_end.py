@@ -46,7 +46,7 @@ def test_canary_items_leave_no_trace_after_the_job_and_the_shredding(
     live_api, worker_process, admin_key, tiny_demo_model, settings
 ):
     from app.adapters.store import artifact_store
-    from app.core.keys import load_public_key_pem
+    from app.core.certificate_key import load_public_key_pem
     from app.evidence.signing import verify
     from app.forget_requests.items import item_sha256
 
