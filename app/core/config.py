@@ -10,6 +10,10 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# The longest duration a setting or a model's policy takes (ten years): datetime arithmetic on it cannot overflow.
+MAX_DURATION_SECONDS = 10 * 366 * 86400
+_UNIT_SECONDS = {"_seconds": 1, "_hours": 3600, "_days": 86400}
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="UNLEARND_", env_file=".env", extra="ignore")
@@ -62,7 +66,7 @@ class Settings(BaseSettings):
     worker_soft_shutdown_seconds: float = Field(default=60.0, ge=0)  # grace for a stopping worker's job
 
     # Legal deadline for a deletion request (GDPR Art. 12(3): one month from receipt).
-    deadline_months: int = Field(default=1, gt=0)
+    deadline_months: int = Field(default=1, gt=0, le=120)
 
     # Key custody (app/core/key_store.py): epoch keys that wrap each request's data key, outside the database.
     key_store: Literal["local", "kms"] = "local"
@@ -111,6 +115,14 @@ class Settings(BaseSettings):
         for network in networks:
             ipaddress.ip_network(network, strict=False)  # a typo fails at startup, not at the first callback
         return networks
+
+    @model_validator(mode="after")
+    def _bounded_durations(self) -> Settings:
+        for name in type(self).model_fields:
+            for suffix, unit in _UNIT_SECONDS.items():
+                if name.endswith(suffix) and getattr(self, name) * unit > MAX_DURATION_SECONDS:
+                    raise ValueError(f"{name} must be at most {MAX_DURATION_SECONDS // unit} (ten years)")
+        return self
 
     @model_validator(mode="after")
     def _embedded_defaults(self) -> Settings:

@@ -12,6 +12,7 @@ an unfinished one; its requests wait for the next.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -23,11 +24,13 @@ from sqlalchemy.orm import Session
 
 from app.audit.service import record
 from app.base_models.models import BaseModel
-from app.core.config import Settings
+from app.core.config import MAX_DURATION_SECONDS, Settings
 from app.core.db import lock_for_write, utcnow
 from app.core.schemas import Schema
 from app.forget_requests.models import ForgetRequest, RequestStatus
 from app.jobs.models import JobStatus, UnlearningJob
+
+log = logging.getLogger(__name__)
 
 DEFAULT_METHOD = "ihl"
 UNFINISHED = (JobStatus.queued, JobStatus.running, JobStatus.evaluating, JobStatus.publishing)
@@ -44,8 +47,12 @@ class BatchingPolicy(Schema):
     """A model's overrides of the service's batching policy (unset fields keep the service's settings)."""
 
     max_items: int | None = Field(default=None, gt=0, le=100_000, description="Items that trigger a job, and cap it.")
-    max_wait_seconds: float | None = Field(default=None, ge=0, description="Oldest request's wait that triggers one.")
-    deadline_margin_seconds: float | None = Field(default=None, ge=0, description="Due-date margin that triggers one.")
+    max_wait_seconds: float | None = Field(
+        default=None, ge=0, le=MAX_DURATION_SECONDS, description="Oldest request's wait that triggers one."
+    )
+    deadline_margin_seconds: float | None = Field(
+        default=None, ge=0, le=MAX_DURATION_SECONDS, description="Due-date margin that triggers one."
+    )
     schedule: str | None = Field(
         default=None, max_length=100, description="Crontab (UTC), e.g. '0 2 * * *': batch at these times, not by wait."
     )
@@ -141,8 +148,12 @@ def batch_pending(
             .order_by(ForgetRequest.received_at, ForgetRequest.id)
             .with_for_update(skip_locked=True, of=ForgetRequest)
         ).all()
-        policy = Policy.for_model(model, settings)
-        trigger = "manual" if force and pending else policy.trigger(pending, now)
+        try:
+            policy = Policy.for_model(model, settings)
+            trigger = "manual" if force and pending else policy.trigger(pending, now)
+        except Exception:  # e.g. a policy stored before its bounds existed: this model waits, the others go on
+            log.exception("cannot apply the batching policy of model %s; its requests wait", model.name)
+            continue
         if trigger is not None:
             jobs.append(_form_job(session, model, policy.take(pending), trigger, settings, actor))
     return jobs
