@@ -19,7 +19,9 @@ cli = typer.Typer(
     help="unlearnd: make a language model forget data on request.", no_args_is_help=True, pretty_exceptions_enable=False
 )
 keys = typer.Typer(help="Create, list, rotate and revoke API keys.", no_args_is_help=True)
+callback_secrets = typer.Typer(help="Per-tenant secrets that sign status callbacks.", no_args_is_help=True)
 cli.add_typer(keys, name="keys")
+cli.add_typer(callback_secrets, name="callback-secrets")
 
 DEMO_MODEL_NAME = "demo"
 
@@ -221,6 +223,22 @@ def keys_revoke(key_id: int) -> None:
         revoke_key(session, key_id)
         session.commit()
     typer.echo(f"revoked key {key_id}")
+
+
+@callback_secrets.command("rotate")
+def callback_secrets_rotate(
+    tenant: Annotated[str, typer.Option(help="The tenant whose callbacks the secret signs.")] = "default",
+) -> None:
+    """Create the tenant's callback secret, or replace it (the previous one keeps signing for
+    UNLEARND_KEY_ROTATION_GRACE_HOURS), and print it once."""
+    from app.callbacks.secrets import rotate
+    from app.core.db import session_scope
+
+    with session_scope() as session:
+        row, secret = rotate(session, tenant, get_settings(), actor="cli")
+        session.commit()
+        typer.echo(f"tenant={row.tenant} generation={row.generation}")
+        typer.echo(secret)
 
 
 def _stop_children(signum: int, frame: object) -> None:

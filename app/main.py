@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app.adapters.views import aliases as aliases_router
 from app.adapters.views import router as adapters_router
 from app.base_models.views import router as models_router
+from app.callbacks.views import router as callback_secrets_router
 from app.core.config import get_settings
 from app.core.db import get_engine
 from app.core.errors import DomainError, error_body, error_responses
@@ -128,6 +129,7 @@ def create_app() -> FastAPI:
         models_router,
         adapters_router,
         aliases_router,
+        callback_secrets_router,
     ):
         v1.include_router(router)
     app.include_router(v1)

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from app.audit.service import record
 from app.auth.models import ApiKey
 from app.base_models.service import get_by_name
+from app.callbacks.secrets import require_secret
 from app.callbacks.targets import check_callback_urls
 from app.core.canonical import canonical_json
 from app.core.config import Settings
@@ -89,6 +90,8 @@ def submit(session: Session, key: ApiKey, data: ForgetRequestCreate, settings: S
     model = get_by_name(session, data.model)
     callback_urls = [str(url) for url in data.status_callback_urls or []]
     check_callback_urls(callback_urls, settings)
+    if callback_urls:
+        require_secret(session, key.tenant, settings)
     now = utcnow()
     items = [item.model_dump(exclude_none=True) for item in data.items]
     request = ForgetRequest(
