@@ -107,7 +107,7 @@ class Settings(BaseSettings):
     callback_sweep_interval_seconds: float = Field(default=60.0, gt=0)  # re-sends due deliveries a lost message left
 
     log_level: str = "INFO"
-    metrics_require_key: bool = False  # /metrics is open by Prometheus convention; true: a requests:read key
+    metrics_require_key: bool | None = None  # /metrics needs a requests:read key; unset: except in the embedded mode
 
     @field_validator("callback_allowed_networks")
     @classmethod
@@ -141,6 +141,15 @@ class Settings(BaseSettings):
     @property
     def beat_schedule_file(self) -> Path:
         return self.data_dir / "celerybeat-schedule"
+
+    @property
+    def embedded(self) -> bool:
+        """The `make run` mode: SQLite and the filesystem broker, everything on one machine."""
+        return self.database_url.startswith("sqlite") and self.broker_url.startswith("filesystem")
+
+    @property
+    def metrics_key_required(self) -> bool:
+        return not self.embedded if self.metrics_require_key is None else self.metrics_require_key
 
     @property
     def keys_dir(self) -> Path:
