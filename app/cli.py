@@ -130,15 +130,15 @@ def verify_certificate(
     ] = None,
 ) -> None:
     """Check a forget certificate offline: exit 0 if its signature matches its payload and the key, 1 if not."""
-    import json
 
+    from app.core.canonical import strict_loads
     from app.core.certificate_key import KeyConfigurationError, load_public_key_pem, signing_key
     from app.evidence.signing import InvalidCertificate, verify
 
     try:
         key = load_public_key_pem(public_key.read_bytes()) if public_key else signing_key(get_settings()).public_key()
-        payload = verify(json.loads(file.read_bytes()), key)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, InvalidCertificate, KeyConfigurationError) as error:
+        payload = verify(strict_loads(file.read_bytes()), key)
+    except (OSError, ValueError, InvalidCertificate, KeyConfigurationError) as error:
         typer.echo(f"INVALID: {error}", err=True)
         raise typer.Exit(code=1) from None
     versions = [payload["first_version"]["version"], *(v["version"] for v in payload["verified_by"])]

@@ -147,7 +147,10 @@ def encode_cursor(request: ForgetRequest) -> str:
 def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
     try:
         received, request_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        return datetime.fromisoformat(received), uuid.UUID(request_id)
+        received = datetime.fromisoformat(received)
+        if received.tzinfo is None:  # a forged cursor: every cursor this service writes carries its offset
+            raise ValueError("a cursor's time needs its UTC offset")
+        return received, uuid.UUID(request_id)
     except (ValueError, TypeError) as exc:
         raise InvalidInput("invalid cursor", {"field": "cursor"}) from exc
 

@@ -126,3 +126,34 @@ def test_certificate_of_a_request_not_completed_is_409(client, reader_key, model
 def test_certificate_needs_a_reader_key(client, served):
     response = client.get(f"/v1/forget-requests/{served['request_id']}/certificate")
     assert response.status_code == 401
+
+
+def test_cli_refuses_a_certificate_with_a_duplicate_key(served, client, tmp_path):
+    """A parser that keeps the first `payload` would show forged content next to a valid signature."""
+    from app.cli import cli
+
+    (tmp_path / "key.pem").write_text(client.get("/v1/keys/certificate-signing").json()["public_key_pem"])
+    genuine = json.dumps(served["document"]["payload"])
+    forged = {**served["document"]["payload"], "subject_request_id": "forged"}
+    text = json.dumps(served["document"])[:-1] + ', "payload": ' + genuine + "}"
+    text = '{"payload": ' + json.dumps(forged) + ", " + text[1:]
+    (tmp_path / "twice.json").write_text(text)
+    assert json.loads(text)["payload"] == served["document"]["payload"]  # last one wins: the signature matches it
+    result = CliRunner().invoke(
+        cli, ["verify-certificate", str(tmp_path / "twice.json"), "--public-key", str(tmp_path / "key.pem")]
+    )
+    assert result.exit_code == 1
+    assert "INVALID" in result.output and "duplicate" in result.output
+
+
+def test_a_non_finite_metric_is_signed_as_it_is_served():
+    from app.core.certificate_key import key_id
+    from app.evidence.schemas import SignedCertificate
+    from app.evidence.signing import sign, verify
+
+    key = Ed25519PrivateKey.generate()
+    payload = {"items": [{"before": {"nll": float("nan")}, "after": {"nll": float("inf"), "ma": 0.5}}]}
+    served = json.loads(SignedCertificate(**sign(payload, key)).model_dump_json())
+    assert served["payload"]["items"][0] == {"before": {"nll": None}, "after": {"nll": None, "ma": 0.5}}
+    assert verify(served, key.public_key())["items"] == served["payload"]["items"]
+    assert served["key_id"] == key_id(key.public_key())

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import uuid
 from datetime import UTC, datetime
 
+import pytest
 from sqlalchemy import select
 
 from tests.service.conftest import auth
@@ -210,3 +212,11 @@ def test_calendar_month_deadline_clamps_to_the_end_of_the_month():
     assert add_calendar_months(datetime(2027, 1, 31, 9, tzinfo=UTC), 1) == datetime(2027, 2, 28, 9, tzinfo=UTC)
     assert add_calendar_months(datetime(2028, 1, 31, tzinfo=UTC), 1) == datetime(2028, 2, 29, tzinfo=UTC)
     assert add_calendar_months(datetime(2027, 12, 15, tzinfo=UTC), 1) == datetime(2028, 1, 15, tzinfo=UTC)
+
+
+@pytest.mark.parametrize("received", ["2026-01-01", "2026-01-01T00:00:00", "2026-01-01T00:00:00.123456"])
+def test_a_forged_cursor_without_a_time_zone_is_422(client, reader_key, received):
+    cursor = base64.urlsafe_b64encode(json.dumps([received, str(uuid.uuid4())]).encode()).decode().rstrip("=")
+    response = client.get("/v1/forget-requests", params={"cursor": cursor}, headers=auth(reader_key))
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["details"] == {"field": "cursor"}
