@@ -80,6 +80,9 @@ class Settings(BaseSettings):
     # Legacy (before key epochs): base64 of 32 bytes that wrapped data keys; read only to re-wrap them.
     master_key: SecretStr | None = None
     master_key_file: Path | None = None
+    # Item digest key: HMAC key of the item digests kept after shredding (base64 of 32 bytes; app/core/digest_key.py).
+    item_digest_key: SecretStr | None = None
+    item_digest_key_file: Path | None = None
     # Certificate signing key. Unset: generated once under data_dir/keys (embedded default only; production sets it).
     signing_key: SecretStr | None = None  # PEM (PKCS#8) Ed25519 private key that signs forget certificates
     signing_key_file: Path | None = None  # a file holding that PEM

@@ -1,15 +1,17 @@
 """A request's items at rest: sealed under a data key of the request's own (envelope encryption), wrapped by an
-epoch key of the key store, with only their sha256s in clear. Shredding destroys the data key: the texts are gone,
-the hashes and metrics remain."""
+epoch key of the key store, with only their keyed digests in clear (stored in `item_sha256s`). Shredding destroys the
+data key: the texts are gone, the digests and metrics remain."""
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 
 from app.core.canonical import canonical_json
 from app.core.config import Settings
 from app.core.db import utcnow
+from app.core.digest_key import item_digest_key
 from app.core.envelope import Envelope, open_envelope, rewrap, seal
 from app.core.errors import Conflict
 from app.core.key_store import key_store
@@ -20,9 +22,14 @@ class ItemsShredded(Conflict):
     """The request's data key was destroyed: its items can no longer be read."""
 
 
-def item_sha256(item: dict) -> str:
+def item_sha256(item: dict) -> bytes:
     """sha256 of the item's canonical JSON (its fields as submitted, without empty ones)."""
-    return hashlib.sha256(canonical_json(item)).hexdigest()
+    return hashlib.sha256(canonical_json(item)).digest()
+
+
+def item_digest(item: dict, settings: Settings) -> str:
+    """HMAC-SHA256 of the item's sha256 under the item digest key: without the key it confirms no guessed text."""
+    return hmac.new(item_digest_key(settings), item_sha256(item), hashlib.sha256).hexdigest()
 
 
 def seal_items(request: ForgetRequest, items: list[dict], settings: Settings) -> None:

@@ -20,7 +20,7 @@ from app.core.canonical import canonical_json
 from app.core.config import Settings
 from app.core.db import utcnow
 from app.core.errors import Conflict, InvalidInput, NotFound
-from app.forget_requests.items import item_sha256, seal_items
+from app.forget_requests.items import item_digest, seal_items
 from app.forget_requests.models import ForgetRequest, RequestStatus
 from app.forget_requests.schemas import ForgetRequestCreate, ForgetRequestOut
 
@@ -105,7 +105,7 @@ def submit(session: Session, key: ApiKey, data: ForgetRequestCreate, settings: S
         received_at=now,
         due_at=add_calendar_months(now, settings.deadline_months),
         status_callback_urls=callback_urls,
-        item_sha256s=[item_sha256(item) for item in items],
+        item_sha256s=[item_digest(item, settings) for item in items],
     )
     session.add(request)
     try:

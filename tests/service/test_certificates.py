@@ -38,13 +38,14 @@ def public_key(client):
     return load_public_key_pem(response.json()["public_key_pem"].encode())
 
 
-def test_certificate_attests_hashes_metrics_versions_and_thresholds(served, model_name):
-    from app.forget_requests.items import item_sha256
+def test_certificate_attests_digests_metrics_versions_and_thresholds(served, model_name, settings):
+    from app.forget_requests.items import item_digest
 
     payload = served["document"]["payload"]
     assert payload["request_id"] == served["request_id"]
     assert payload["subject_request_id"].startswith("dsr-")
-    assert [item["sha256"] for item in payload["items"]] == [item_sha256(item) for item in ITEMS]
+    assert [item["digest"] for item in payload["items"]] == [item_digest(item, settings) for item in ITEMS]
+    assert payload["item_digest"].startswith("HMAC-SHA256")
     assert payload["items"][0]["before"]["ma"] == 0.95 and payload["items"][0]["after"]["ma"] == 0.1
     assert payload["items"][0]["after"]["min_k"] == -6.5
     assert payload["base_model"]["name"] == model_name and len(payload["base_model"]["weights_sha256"]) == 64

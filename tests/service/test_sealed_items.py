@@ -107,7 +107,7 @@ def test_configured_keys_are_used_and_malformed_ones_refused(tmp_path):
 
 def test_submitted_items_are_stored_only_encrypted(client, writer_key, registered_model, settings):
     from app.core.db import get_engine
-    from app.forget_requests.items import item_sha256, open_items
+    from app.forget_requests.items import item_digest, open_items
     from app.forget_requests.models import ForgetRequest
 
     canary = f"canary-{uuid.uuid4().hex}"
@@ -124,13 +124,13 @@ def test_submitted_items_are_stored_only_encrypted(client, writer_key, registere
     assert canary not in row and canary.encode().hex() not in row
     with Session(get_engine()) as session:
         request = session.get(ForgetRequest, uuid.UUID(response.json()["id"]))
-        assert request.item_sha256s == [item_sha256(item) for item in items]
+        assert request.item_sha256s == [item_digest(item, settings) for item in items]
         assert open_items(request, settings) == items
 
 
 def test_migration_seals_existing_clear_text_items_and_downgrade_restores_them(tmp_path, settings):
     from app.core.db import make_engine
-    from app.forget_requests.items import item_sha256, open_items
+    from app.forget_requests.items import item_digest, open_items
     from app.forget_requests.models import ForgetRequest
     from app.migrate import alembic_config, upgrade
 
@@ -164,7 +164,7 @@ def test_migration_seals_existing_clear_text_items_and_downgrade_restores_them(t
     upgrade(url)
     with Session(engine) as session:
         request = session.get(ForgetRequest, request_id)
-        assert request.item_sha256s == [item_sha256(items[0])]
+        assert request.item_sha256s == [item_digest(items[0], settings)]  # 0006 keyed the plain sha256
         assert open_items(request, settings) == items
     assert "items" not in {column["name"] for column in sa.inspect(engine).get_columns("forget_requests")}
 
@@ -219,3 +219,26 @@ def test_the_first_epoch_advance_rewraps_master_key_rows_and_destroys_the_master
             Envelope(sealed.ciphertext, sealed.nonce, sealed.wrapped_key, 0), LocalKeyStore(settings), request_id.bytes
         )
     engine.dispose()
+
+
+def test_stored_item_digests_confirm_no_guessed_record_without_the_digest_key(client, writer_key, registered_model):
+    """A plain sha256 of a short item (a phone number) is confirmed by hashing candidates; a keyed digest is not."""
+    import hashlib
+    import hmac
+    import json
+
+    from app.core.config import Settings, get_settings
+    from app.core.db import get_engine
+    from app.core.digest_key import item_digest_key
+    from app.forget_requests.models import ForgetRequest
+
+    item = {"text": "+47 912 34 567"}
+    body = {"subject_request_id": f"dsr-{uuid.uuid4().hex}", "model": registered_model, "items": [item]}
+    response = client.post("/v1/forget-requests", headers=auth(writer_key), json=body)
+    assert response.status_code == 201, response.text
+    with Session(get_engine()) as session:
+        (stored,) = session.get(ForgetRequest, uuid.UUID(response.json()["id"])).item_sha256s
+    plain = hashlib.sha256(json.dumps(item, sort_keys=True, separators=(",", ":")).encode())
+    assert stored != plain.hexdigest()  # hashing the guessed record does not find it
+    assert stored == hmac.new(item_digest_key(get_settings()), plain.digest(), hashlib.sha256).hexdigest()
+    assert item_digest_key(get_settings()) != item_digest_key(Settings(data_dir=get_settings().data_dir / "other"))
