@@ -247,13 +247,30 @@ def test_loopback_is_refused_without_the_allowance(client, writer_key, registere
 
 
 @pytest.mark.parametrize(
-    "url", ["http://10.0.0.5/hook", "http://192.168.1.1/hook", "http://169.254.169.254/latest", "http://[::1]/hook"]
+    "url",
+    [
+        "http://10.0.0.5/hook",
+        "http://192.168.1.1/hook",
+        "http://169.254.169.254/latest",
+        "http://[::1]/hook",
+        "http://192.0.0.8/hook",  # IETF protocol assignments
+        "http://[2002:a00:1::]/hook",  # 6to4 of 10.0.0.1
+        "http://[64:ff9b::a00:1]/hook",  # NAT64 of 10.0.0.1
+        "http://[64:ff9b:1::a00:1]/hook",  # local-use NAT64 of 10.0.0.1
+        "http://[::a00:1]/hook",  # IPv4-compatible 10.0.0.1
+        "http://[::ffff:a00:1]/hook",  # IPv4-mapped 10.0.0.1
+    ],
 )
 def test_private_and_link_local_addresses_are_refused(writer_key, registered_model, settings_client, url):
     assert_refused(
         submit(settings_client(callback_allowed_hosts=["*"]), writer_key, registered_model, [url]),
         "address_not_allowed",
     )
+
+
+def test_port_zero_is_refused(writer_key, registered_model, settings_client):
+    url = "http://93.184.216.34:0/hook"
+    assert_refused(submit(settings_client(callback_allowed_hosts=["*"]), writer_key, registered_model, [url]), "port")
 
 
 def test_a_host_off_the_allowlist_is_refused(client, writer_key, registered_model):
