@@ -220,3 +220,28 @@ def test_a_forged_cursor_without_a_time_zone_is_422(client, reader_key, received
     response = client.get("/v1/forget-requests", params={"cursor": cursor}, headers=auth(reader_key))
     assert response.status_code == 422, response.text
     assert response.json()["error"]["details"] == {"field": "cursor"}
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("text", "Ana\x00lives in Oslo."),  # SQLite would store it; PostgreSQL cannot
+        ("text", "\u200b\u200b"),  # zero-width spaces only
+        ("text", " \u2060\ufeff\t"),  # whitespace and invisible format characters only
+        ("subject_request_id", "   "),
+        ("subject_request_id", "\u200b"),
+        ("subject_request_id", "dsr\x00-1"),
+    ],
+)
+def test_nul_characters_and_invisible_only_values_are_refused_by_the_schema(field, value):
+    from pydantic import ValidationError
+
+    from app.forget_requests.schemas import ForgetRequestCreate
+
+    body = {"subject_request_id": "dsr-1", "model": "m", "items": [{"text": "Ana lives in Oslo."}]}
+    if field == "text":
+        body["items"] = [{"text": value}]
+    else:
+        body[field] = value
+    with pytest.raises(ValidationError):
+        ForgetRequestCreate.model_validate(body)

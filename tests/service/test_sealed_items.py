@@ -242,3 +242,45 @@ def test_stored_item_digests_confirm_no_guessed_record_without_the_digest_key(cl
     assert stored != plain.hexdigest()  # hashing the guessed record does not find it
     assert stored == hmac.new(item_digest_key(get_settings()), plain.digest(), hashlib.sha256).hexdigest()
     assert item_digest_key(get_settings()) != item_digest_key(Settings(data_dir=get_settings().data_dir / "other"))
+
+
+def test_the_sqlite_database_its_wal_and_the_artifact_store_are_owner_only(tmp_path):
+    from app.adapters.store import LocalArtifactStore
+    from app.core.db import make_engine
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'var' / 'unlearnd.sqlite'}")
+    with engine.begin() as connection:
+        connection.execute(sa.text("CREATE TABLE t (x INTEGER)"))
+        connection.execute(sa.text("INSERT INTO t VALUES (1)"))
+        for suffix in ("", "-wal", "-shm"):
+            path = tmp_path / "var" / f"unlearnd.sqlite{suffix}"
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600, suffix
+    engine.dispose()
+    assert stat.S_IMODE((tmp_path / "var").stat().st_mode) == 0o700
+    store = LocalArtifactStore(tmp_path / "artifacts")
+    (tmp_path / "checkpoint.bin").write_bytes(b"state")
+    store.scratch_put("job-1/checkpoint.bin", tmp_path / "checkpoint.bin")
+    assert stat.S_IMODE((tmp_path / "artifacts").stat().st_mode) == 0o700
+
+
+def test_a_locked_sqlite_database_answers_within_the_busy_timeout(tmp_path):
+    import time
+
+    from sqlalchemy.exc import OperationalError
+
+    from app.core.config import Settings
+    from app.core.db import make_engine
+
+    assert Settings().sqlite_busy_timeout_seconds <= 5
+    url = f"sqlite:///{tmp_path / 'locked.sqlite'}"
+    holder, waiter = make_engine(url), make_engine(url, sqlite_busy_timeout=0.5)
+    with holder.connect() as locked:
+        locked.exec_driver_sql("CREATE TABLE t (x INTEGER)")
+        locked.exec_driver_sql("BEGIN IMMEDIATE")
+        started = time.monotonic()
+        with pytest.raises(OperationalError, match="locked"), waiter.begin() as connection:
+            connection.exec_driver_sql("INSERT INTO t VALUES (1)")
+        assert time.monotonic() - started < 3
+        locked.exec_driver_sql("ROLLBACK")
+    holder.dispose()
+    waiter.dispose()
