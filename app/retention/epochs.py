@@ -48,6 +48,12 @@ def _lock_requests(session: Session) -> None:
         lock_for_write(session)
 
 
+def keys_awaiting_destruction(settings: Settings) -> bool:
+    """Whether an older epoch key (or the legacy master key) still exists: an advance was cut short, or the service
+    was upgraded from before key epochs."""
+    return len(key_store(settings).epochs()) > 1 or legacy_master_key(settings) is not None
+
+
 def advance_key_epoch(session: Session, settings: Settings) -> int:
     """Create the next epoch, re-wrap every live data key under it, destroy the older epoch keys; returns the new
     epoch. Commits as it goes."""

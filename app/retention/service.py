@@ -25,7 +25,7 @@ from app.evidence.coverage import coverage
 from app.forget_requests.items import shred_items
 from app.forget_requests.models import ForgetRequest, RequestStatus
 from app.jobs.models import job_requests, job_scratch
-from app.retention.epochs import advance_key_epoch
+from app.retention.epochs import advance_key_epoch, keys_awaiting_destruction
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,8 @@ def shred_now(session: Session, request: ForgetRequest, settings: Settings, acto
 
 
 def shred_due(session: Session, settings: Settings, actor: str, now: datetime | None = None) -> list[uuid.UUID]:
-    """Shred every request whose retention window is over, committing each one, then advance the key epoch once;
-    returns their ids."""
+    """Shred every request whose retention window is over, committing each one, then advance the key epoch once (also
+    when an earlier advance was cut short); returns their ids."""
     now = now or utcnow()
     candidates = session.scalars(
         select(ForgetRequest).where(ForgetRequest.status.in_(SHREDDABLE), ForgetRequest.shredded_at.is_(None))
@@ -88,6 +88,6 @@ def shred_due(session: Session, settings: Settings, actor: str, now: datetime | 
             log.exception("could not shred request %s; retrying next run", request.id)
             continue
         shredded.append(request.id)
-    if shredded:
+    if shredded or keys_awaiting_destruction(settings):
         advance_key_epoch(session, settings)
     return shredded

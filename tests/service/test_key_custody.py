@@ -138,3 +138,17 @@ def test_a_shred_leaves_neither_the_wrapped_key_nor_the_ciphertext_in_the_sqlite
     on_disk = b"".join(p.read_bytes() for p in shredded.database.parent.glob(shredded.database.name + "*"))
     for value in values:
         assert value not in on_disk
+
+
+def test_an_advance_cut_short_is_finished_by_the_next_retention_pass(tmp_path):
+    from app.core.key_store import key_store
+    from app.retention.service import shred_due
+
+    shredded = shred_after_copying(tmp_path)
+    keys = key_store(shredded.settings)
+    keys.advance()  # as if the process died right after creating the next epoch
+    assert len(keys.epochs()) == 2
+    with Session(shredded.live) as session:
+        assert shred_due(session, shredded.settings, actor="test") == []  # nothing new to shred...
+    assert keys.epochs() == [keys.current_epoch()]  # ...but the older key is destroyed all the same
+    assert_copy_is_useless(shredded)
