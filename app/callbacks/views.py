@@ -5,12 +5,12 @@ from fastapi import APIRouter
 from app.callbacks import secrets
 from app.callbacks.schemas import CallbackSecretOut
 from app.core.deps import SessionDep, SettingsDep, WriterKey
-from app.core.errors import error_responses
+from app.core.errors import AUTHENTICATED
 
-router = APIRouter(prefix="/callback-secrets", tags=["callbacks"])
+router = APIRouter(prefix="/callback-secrets", tags=["callbacks"], responses=AUTHENTICATED)
 
 
-@router.post("", status_code=201, responses=error_responses(422))
+@router.post("", status_code=201)
 def rotate_callback_secret(key: WriterKey, session: SessionDep, settings: SettingsDep) -> CallbackSecretOut:
     """Create the key's tenant's callback secret, or replace it, and show it once: the tenant's callbacks are signed
     with it (`v2` in X-Unlearnd-Signature), and with the previous one too until `previous_valid_until`."""

@@ -313,3 +313,10 @@ def settings_client(database):
         return TestClient(app, raise_server_exceptions=False)
 
     return make
+
+
+def test_rotating_a_callback_secret_needs_a_writer_key_and_documents_it(client, reader_key):
+    assert client.post("/v1/callback-secrets").status_code == 401
+    assert client.post("/v1/callback-secrets", headers=auth(reader_key)).status_code == 403
+    documented = client.get("/openapi.json").json()["paths"]["/v1/callback-secrets"]["post"]["responses"]
+    assert {"201", "401", "403", "429"} <= set(documented)
