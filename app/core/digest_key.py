@@ -9,11 +9,10 @@ or a file); unset, it is generated once under `data_dir/keys` (mode 0600).
 from __future__ import annotations
 
 import base64
-import binascii
 import secrets
 
 from app.core.config import Settings
-from app.core.key_files import KeyConfigurationError, configured, generated_once
+from app.core.key_files import base64_key, configured, generated_once
 
 DIGEST_KEY_FILE = "item-digest.key"
 DIGEST_KEY_BYTES = 32
@@ -25,10 +24,4 @@ def item_digest_key(settings: Settings) -> bytes:
         raw = generated_once(
             settings.keys_dir / DIGEST_KEY_FILE, lambda: base64.b64encode(secrets.token_bytes(DIGEST_KEY_BYTES))
         )
-    try:
-        key = base64.b64decode(raw.strip(), validate=True)
-    except binascii.Error:
-        raise KeyConfigurationError("the item digest key must be base64") from None
-    if len(key) != DIGEST_KEY_BYTES:
-        raise KeyConfigurationError(f"the item digest key must be {DIGEST_KEY_BYTES} bytes, got {len(key)}")
-    return key
+    return base64_key(raw, "item digest key", DIGEST_KEY_BYTES)

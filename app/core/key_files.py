@@ -3,6 +3,8 @@ destroyed."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import os
 import secrets
@@ -29,6 +31,17 @@ def configured(value: SecretStr | None, file: Path | None) -> bytes | None:
         except OSError as error:
             raise KeyConfigurationError(f"cannot read key file {file}: {error.strerror}") from None
     return None
+
+
+def base64_key(raw: bytes, name: str, size: int = 32) -> bytes:
+    """The `size` bytes a configured or stored key holds in base64; KeyConfigurationError naming `name` otherwise."""
+    try:
+        key = base64.b64decode(raw.strip(), validate=True)
+    except binascii.Error:
+        raise KeyConfigurationError(f"the {name} must be base64") from None
+    if len(key) != size:
+        raise KeyConfigurationError(f"the {name} must be {size} bytes, got {len(key)}")
+    return key
 
 
 def private_folder(path: Path) -> Path:

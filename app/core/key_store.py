@@ -16,8 +16,6 @@ keys before epochs existed: it only unwraps, and the first epoch advance re-wrap
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
 import re
 import secrets
@@ -31,7 +29,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from app.core.config import Settings
-from app.core.key_files import KeyConfigurationError, configured, create_once, destroy_file, private_folder
+from app.core.key_files import base64_key, configured, create_once, destroy_file, private_folder
 
 log = logging.getLogger(__name__)
 
@@ -67,15 +65,7 @@ def legacy_master_key(settings: Settings) -> bytes | None:
     raw = configured(settings.master_key, settings.master_key_file)
     if raw is None and _legacy_key_file(settings).is_file():
         raw = _legacy_key_file(settings).read_bytes()
-    if raw is None:
-        return None
-    try:
-        key = base64.b64decode(raw.strip(), validate=True)
-    except binascii.Error:
-        raise KeyConfigurationError("the master key must be base64") from None
-    if len(key) != KEY_BYTES:
-        raise KeyConfigurationError(f"the master key must be {KEY_BYTES} bytes, got {len(key)}")
-    return key
+    return None if raw is None else base64_key(raw, "master key", KEY_BYTES)
 
 
 class KeyStore(ABC):
