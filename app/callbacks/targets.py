@@ -40,7 +40,7 @@ def host_allowed(host: str, patterns: list[str]) -> bool:
 
 def reached_address(address: IPAddress) -> IPAddress:
     """The IPv4 address an IPv6 address carries and traffic to it ends at (mapped, 6to4, NAT64), else itself."""
-    if isinstance(address, ipaddress.IPv6Address):
+    if isinstance(address, ipaddress.IPv6Address) and not (address.is_loopback or address.is_unspecified):
         if address.ipv4_mapped is not None:
             return address.ipv4_mapped
         if address.sixtofour is not None:
