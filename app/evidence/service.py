@@ -53,7 +53,11 @@ def certificate_payload(session: Session, request: ForgetRequest, now: datetime)
         "format": FORMAT,
         "request_id": str(request.id),
         "subject_request_id": request.subject_request_id,
-        "base_model": {"name": request.base_model.name, **first.manifest.get("base_model", {})},
+        # the weights' digest identifies the model; its server path is not the tenant's business
+        "base_model": {
+            "name": request.base_model.name,
+            "weights_sha256": first.manifest.get("base_model", {}).get("weights_sha256"),
+        },
         "item_digest": ITEM_DIGEST,
         "items": [{"digest": digest, "before": m["before"], "after": m["after"]} for digest, m in items],
         "membership_inference": {

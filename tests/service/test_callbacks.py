@@ -320,3 +320,20 @@ def test_rotating_a_callback_secret_needs_a_writer_key_and_documents_it(client, 
     assert client.post("/v1/callback-secrets", headers=auth(reader_key)).status_code == 403
     documented = client.get("/openapi.json").json()["paths"]["/v1/callback-secrets"]["post"]["responses"]
     assert {"201", "401", "403", "429"} <= set(documented)
+
+
+def test_the_cli_rotates_a_tenants_callback_secret_and_prints_it_once(session):
+    from typer.testing import CliRunner
+
+    from app.callbacks.models import CallbackSecret
+    from app.callbacks.secrets import derive
+    from app.cli import cli
+    from app.core.config import get_settings
+
+    tenant = f"cli-{uuid.uuid4().hex[:8]}"
+    first = CliRunner().invoke(cli, ["callback-secrets", "rotate", "--tenant", tenant])
+    second = CliRunner().invoke(cli, ["callback-secrets", "rotate", "--tenant", tenant])
+    assert first.exit_code == second.exit_code == 0, first.output
+    assert first.output.splitlines()[-1] == derive(get_settings(), tenant, 1)
+    assert second.output.splitlines()[-1] == derive(get_settings(), tenant, 2) != derive(get_settings(), tenant, 1)
+    assert session.get(CallbackSecret, tenant).generation == 2

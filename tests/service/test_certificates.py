@@ -158,3 +158,10 @@ def test_a_non_finite_metric_is_signed_as_it_is_served():
     assert served["payload"]["items"][0] == {"before": {"nll": None}, "after": {"nll": None, "ma": 0.5}}
     assert verify(served, key.public_key())["items"] == served["payload"]["items"]
     assert served["key_id"] == key_id(key.public_key())
+
+
+def test_a_certificate_shows_no_server_path(served, model_name):
+    assert served["document"]["payload"]["base_model"] == {
+        "name": model_name,
+        "weights_sha256": served["document"]["payload"]["base_model"]["weights_sha256"],
+    }
