@@ -152,3 +152,32 @@ def test_an_advance_cut_short_is_finished_by_the_next_retention_pass(tmp_path):
         assert shred_due(session, shredded.settings, actor="test") == []  # nothing new to shred...
     assert keys.epochs() == [keys.current_epoch()]  # ...but the older key is destroyed all the same
     assert_copy_is_useless(shredded)
+
+
+def test_a_postgres_backup_from_before_an_admin_shred_does_not_open_after_it(
+    client, writer_key, admin_key, registered_model, settings
+):
+    """The rows as a backup (or PostgreSQL's dead tuples) keep them, taken before the admin's shred on PostgreSQL."""
+    from app.core.db import session_scope
+    from app.core.envelope import Envelope, EnvelopeError, open_envelope
+    from app.core.key_store import key_store
+    from app.forget_requests.items import open_items
+    from app.forget_requests.models import ForgetRequest
+    from tests.service.conftest import auth
+
+    ids = []
+    for text in TEXTS.values():
+        body = {"subject_request_id": uuid.uuid4().hex, "model": registered_model, "items": [{"text": text}]}
+        ids.append(client.post("/v1/forget-requests", headers=auth(writer_key), json=body).json()["id"])
+    assert client.delete(f"/v1/forget-requests/{ids[0]}", headers=auth(writer_key)).status_code == 202
+    with session_scope() as session:
+        backup = {}
+        for request_id in ids:
+            row = session.get(ForgetRequest, uuid.UUID(request_id))
+            backup[request_id] = Envelope(row.items_ciphertext, row.items_nonce, row.wrapped_key, row.key_epoch)
+    assert client.post(f"/v1/forget-requests/{ids[0]}/shred", headers=auth(admin_key)).status_code == 200
+    for request_id, envelope in backup.items():
+        with pytest.raises(EnvelopeError):
+            open_envelope(envelope, key_store(settings), uuid.UUID(request_id).bytes)
+    with session_scope() as session:
+        assert open_items(session.get(ForgetRequest, uuid.UUID(ids[1])), settings) == [{"text": TEXTS["live"]}]
