@@ -9,7 +9,7 @@ from app.adapters.models import AdapterVersion
 from app.adapters.schemas import AdapterVersionDetail, AdapterVersionOut
 from app.audit.service import record
 from app.auth.models import ApiKey
-from app.base_models.models import BaseModel
+from app.base_models.models import RegisteredModel
 from app.core.errors import NotFound
 from app.forget_requests.models import ForgetRequest
 from app.forget_requests.service import visible_to
@@ -17,12 +17,12 @@ from app.forget_requests.service import visible_to
 CURRENT = "current"
 
 
-def list_versions(session: Session, model: BaseModel) -> list[AdapterVersion]:
+def list_versions(session: Session, model: RegisteredModel) -> list[AdapterVersion]:
     query = select(AdapterVersion).where(AdapterVersion.base_model_id == model.id).order_by(AdapterVersion.version)
     return list(session.scalars(query))
 
 
-def get_version(session: Session, model: BaseModel, version: int) -> AdapterVersion:
+def get_version(session: Session, model: RegisteredModel, version: int) -> AdapterVersion:
     row = session.scalar(
         select(AdapterVersion).where(AdapterVersion.base_model_id == model.id, AdapterVersion.version == version)
     )
@@ -31,7 +31,7 @@ def get_version(session: Session, model: BaseModel, version: int) -> AdapterVers
     return row
 
 
-def latest_version(session: Session, model: BaseModel) -> int | None:
+def latest_version(session: Session, model: RegisteredModel) -> int | None:
     return session.scalar(select(func.max(AdapterVersion.version)).where(AdapterVersion.base_model_id == model.id))
 
 
@@ -66,9 +66,9 @@ def to_detail(session: Session, row: AdapterVersion, key: ApiKey) -> AdapterVers
     return AdapterVersionDetail(**to_out(row, key).model_dump(), manifest=manifest_for(session, row, key))
 
 
-def move_current(session: Session, model: BaseModel, version: int, actor: str) -> AdapterVersion:
-    """Point the model's `current` alias at an existing version (roll back or forward); the caller commits, then
-    moves the store's pointer object, so the store never points at a version the database does not have."""
+def move_current(session: Session, model: RegisteredModel, version: int, actor: str) -> AdapterVersion:
+    """Point the model's `current` version at an existing one (roll back or forward); the caller then moves the
+    store's alias with publishing.make_current."""
     row = get_version(session, model, version)
     previous = model.current_version
     model.current_version = version

@@ -7,11 +7,12 @@ from fastapi import APIRouter, Path
 from fastapi.responses import Response, StreamingResponse
 
 from app.adapters import service
+from app.adapters.publishing import make_current
 from app.adapters.schemas import AdapterVersionDetail, AdapterVersionOut, AliasOut, AliasUpdate
 from app.adapters.store import MANIFEST, artifact_store
+from app.api.deps import AdminKey, ReaderKey, SessionDep, SettingsDep
 from app.base_models.service import get_by_name
 from app.core.db import MAX_INTEGER
-from app.core.deps import AdminKey, ReaderKey, SessionDep, SettingsDep
 from app.core.errors import AUTHENTICATED, JSON_BODY, error_responses
 
 router = APIRouter(prefix="/models/{name}/adapters", tags=["adapters"], responses=AUTHENTICATED)
@@ -65,6 +66,5 @@ def move_current_alias(
     """Roll the model's `current` adapter back or forward to an existing version (audited)."""
     model = get_by_name(session, name)
     service.move_current(session, model, body.version, key.actor)
-    session.commit()
-    artifact_store(settings).set_alias(name, service.CURRENT, body.version)
+    make_current(session, artifact_store(settings), model, body.version)
     return AliasOut(model=name, alias=service.CURRENT, version=body.version)

@@ -2,9 +2,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from app.api.deps import SessionDep, SettingsDep, WriterKey
 from app.callbacks import secrets
 from app.callbacks.schemas import CallbackSecretOut
-from app.core.deps import SessionDep, SettingsDep, WriterKey
 from app.core.errors import AUTHENTICATED
 
 router = APIRouter(prefix="/callback-secrets", tags=["callbacks"], responses=AUTHENTICATED)

@@ -104,10 +104,12 @@ def finished_request(
 def model_and_key(session):
     """A writer key and a registered model's row (paths unchecked) in an empty database, committed."""
     from app.auth.service import create_key
-    from app.base_models.models import BaseModel
+    from app.base_models.models import RegisteredModel
 
     key, _ = create_key(session, "writer", ["requests:write"], actor="test")
-    model = BaseModel(name="m", path="p", tokenizer_path="p", weights_sha256="w", retain_corpus="r", holdout_corpus="h")
+    model = RegisteredModel(
+        name="m", path="p", tokenizer_path="p", weights_sha256="w", retain_corpus="r", holdout_corpus="h"
+    )
     session.add(model)
     session.commit()
     return key, model

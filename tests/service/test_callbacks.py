@@ -327,8 +327,8 @@ def test_the_cli_rotates_a_tenants_callback_secret_and_prints_it_once(session):
 
     from app.callbacks.models import CallbackSecret
     from app.callbacks.secrets import derive
-    from app.cli import cli
     from app.core.config import get_settings
+    from worker.cli import cli
 
     tenant = f"cli-{uuid.uuid4().hex[:8]}"
     first = CliRunner().invoke(cli, ["callback-secrets", "rotate", "--tenant", tenant])
