@@ -15,9 +15,11 @@ from app.api.request_ids import RequestIds
 from app.api.routes import RouteTable
 from app.base_models.views import router as models_router
 from app.callbacks.service import register_listeners
+from app.callbacks.views import router as callback_secrets_router
 from app.core.config import get_settings
 from app.deployments.service import register_listeners as register_deployment_listeners
 from app.deployments.views import router as deployments_router
+from app.deployments.views import secret_router as deployment_secret_router
 from app.evidence.views import router as evidence_router
 from app.forget_requests.views import router as requests_router
 from app.jobs.views import router as jobs_router
@@ -39,6 +41,8 @@ def create_app() -> FastAPI:
         adapters_router,
         aliases_router,
         deployments_router,
+        deployment_secret_router,
+        callback_secrets_router,
     ):
         v1.include_router(router)
     app.include_router(v1)

@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -216,6 +217,10 @@ class LocalArtifactStore(ArtifactStore):
 
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
+        # Owner-only, so nothing below it (adapters, checkpoints) is readable by other users; group access stays.
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if (mode := stat.S_IMODE(self.root.stat().st_mode)) & 0o007:
+            self.root.chmod(mode & 0o770)
 
     def _uri(self, folder: str) -> str:
         return (self.root / folder).as_uri()

@@ -16,10 +16,11 @@ from sqlalchemy.orm import Session
 
 from app.adapters.models import AdapterVersion
 from app.callbacks.delivery import claim, post, record_outcome
+from app.callbacks.secrets import signing_secrets
 from app.core.config import Settings
 from app.core.db import get_engine, session_scope, utcnow
 from app.deployments.models import Deployment, TargetKind
-from app.deployments.service import settle
+from app.deployments.service import SIGNER, settle
 
 LOAD, UNLOAD = "/v1/load_lora_adapter", "/v1/unload_lora_adapter"
 LOCK_SPACE = 0x756E6C64  # the advisory lock key space of deployment targets ("unld")
@@ -30,7 +31,7 @@ def _body(values: dict) -> bytes:
     return json.dumps(values, separators=(",", ":")).encode()
 
 
-def vllm_sender(row: Deployment, settings: Settings) -> Callable[[], str | None]:
+def vllm_sender(row: Deployment, secrets: list[str], settings: Settings) -> Callable[[], str | None]:
     target = row.target
     name = target.served_name or target.base_model.name
     path = f"{target.lora_root.rstrip('/')}/{target.base_model.name}/{row.version}"
@@ -42,10 +43,11 @@ def vllm_sender(row: Deployment, settings: Settings) -> Callable[[], str | None]
         headers["Authorization"] = f"Bearer {key.get_secret_value()}"
 
     def send() -> str | None:
-        error = post(target.url + UNLOAD, _body({"lora_name": name}), settings, headers, also_ok=(NOT_LOADED,))
+        unload = _body({"lora_name": name})
+        error = post(target.url + UNLOAD, unload, secrets, settings, headers, also_ok=(NOT_LOADED,))
         if error is not None:
             return f"unload: {error}"
-        error = post(target.url + LOAD, _body({"lora_name": name, "lora_path": path}), settings, headers)
+        error = post(target.url + LOAD, _body({"lora_name": name, "lora_path": path}), secrets, settings, headers)
         return None if error is None else f"load: {error}"
 
     return send
@@ -72,15 +74,16 @@ def event_body(row: Deployment, version: AdapterVersion, settings: Settings) -> 
 
 
 def sender(session: Session, row: Deployment, settings: Settings) -> Callable[[], str | None]:
+    secrets = signing_secrets(session, SIGNER, settings)
     if row.target.kind == TargetKind.vllm:
-        return vllm_sender(row, settings)
+        return vllm_sender(row, secrets, settings)
     version = session.scalar(
         select(AdapterVersion).where(
             AdapterVersion.base_model_id == row.target.base_model_id, AdapterVersion.version == row.version
         )
     )
     body = event_body(row, version, settings)
-    return lambda: post(row.target.url, body, settings)
+    return lambda: post(row.target.url, body, secrets, settings)
 
 
 def _superseded(session: Session, row: Deployment) -> bool:

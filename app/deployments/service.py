@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, UOWTransaction
 from app.adapters.models import AdapterVersion
 from app.audit.service import record
 from app.base_models.models import RegisteredModel
+from app.callbacks.secrets import signing_secrets
 from app.callbacks.service import dispatch as send_ids
 from app.callbacks.service import overdue_deliveries
 from app.callbacks.targets import check_callback_url
@@ -29,6 +30,9 @@ from app.forget_requests.models import ForgetRequest, RequestStatus
 from app.jobs.models import UNMERGE, JobStatus, UnlearningJob, job_key, job_requests
 
 PUBLISHED, MOVED = "adapter.published", "alias.moved"
+# The signer of deployment deliveries among the callbacks' per-tenant secrets: never a tenant, whose names start with
+# a letter or digit, so no tenant's secret signs a deployment event.
+SIGNER = "_deployments"
 UNSENT = "unlearnd.unsent_deployments"  # ids flushed in a session's transaction, sent once it commits
 RECENT = 50
 
@@ -42,9 +46,14 @@ def targets(session: Session, model: RegisteredModel) -> list[DeploymentTarget]:
     return list(session.scalars(query))
 
 
-def _checked(model: RegisteredModel, data: TargetCreate, settings: Settings) -> DeploymentTarget:
+def _checked(session: Session, model: RegisteredModel, data: TargetCreate, settings: Settings) -> DeploymentTarget:
     """The target to store, once its URL passes the callbacks' SSRF checks and its fields fit its kind."""
     check_callback_url(data.url, settings, field="url")
+    if not signing_secrets(session, SIGNER, settings):
+        raise InvalidInput(
+            "deployment deliveries are signed: create their secret first (POST /v1/deployment-secret)",
+            {"field": "url", "reason": "no_deployment_secret"},
+        )
     if data.kind == TargetKind.webhook:
         extra = [name for name in ("served_name", "lora_root", "api_key") if getattr(data, name) is not None]
         if extra:
@@ -74,7 +83,7 @@ def create_target(
     """Add a target (caller commits); it is sent the `current` version at once, if there is one."""
     if any(t.name == data.name for t in targets(session, model)):
         raise Conflict(f"model '{model.name}' already has a deployment target '{data.name}'")
-    target = _checked(model, data, settings)
+    target = _checked(session, model, data, settings)
     session.add(target)
     session.flush()
     record(

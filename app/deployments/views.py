@@ -6,12 +6,26 @@ from fastapi import APIRouter, Path, Response, status
 
 from app.api.deps import AdminKey, SessionDep, SettingsDep
 from app.base_models.service import get_by_name
+from app.callbacks import secrets
+from app.callbacks.schemas import CallbackSecretOut
 from app.core.db import MAX_INTEGER
 from app.core.errors import AUTHENTICATED, JSON_BODY, error_responses
 from app.deployments import exports, service
 from app.deployments.schemas import CompletionModeUpdate, DeploymentsOut, ExportCreate, ExportOut, TargetCreate
 
 router = APIRouter(prefix="/models/{name}", tags=["deployments"], responses=AUTHENTICATED)
+secret_router = APIRouter(tags=["deployments"], responses=AUTHENTICATED)
+
+
+@secret_router.post("/deployment-secret", status_code=201)
+def rotate_deployment_secret(key: AdminKey, session: SessionDep, settings: SettingsDep) -> CallbackSecretOut:
+    """Create the secret that signs every deployment delivery (`v2` in X-Unlearnd-Signature, as callbacks), or
+    replace it, and show it once; the previous one keeps signing too until `previous_valid_until`."""
+    row, secret = secrets.rotate(session, service.SIGNER, settings, key.actor)
+    session.commit()
+    return CallbackSecretOut(
+        tenant=row.tenant, generation=row.generation, secret=secret, previous_valid_until=row.previous_valid_until
+    )
 
 
 @router.get("/deployments", responses=error_responses(404))

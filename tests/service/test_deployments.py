@@ -25,11 +25,18 @@ from tests.service.vllm_contract import LOAD, UNLOAD, Call, VllmContractServer
 pytestmark = pytest.mark.integration
 
 API_KEY_NAME, API_KEY = "vllm-test", "sk-test-vllm"
-SECRET = test_callbacks.SECRET
 
 # The callback tests' receiver and default-queue worker, and the publishing tests' fused version of a real run.
 receiver, callback_worker = test_callbacks.receiver, test_callbacks.callback_worker
 corpora, fused, job_row = test_publishing.corpora, test_publishing.fused, test_publishing.job_row
+
+
+@pytest.fixture(scope="module", autouse=True)
+def deployment_secret(client, admin_key) -> str:
+    """The secret deployment deliveries are signed with: created once, shown once."""
+    response = client.post("/v1/deployment-secret", headers=auth(admin_key))
+    assert response.status_code == 201, response.text
+    return response.json()["secret"]
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +202,7 @@ def test_a_request_waiting_on_a_failing_target_completes_when_the_mode_goes_back
 
 
 def test_a_webhook_target_gets_signed_events_with_the_versions_sha256s(
-    client, admin_key, model, receiver, fused, corpora, settings, callback_worker
+    client, admin_key, model, receiver, fused, corpora, settings, callback_worker, deployment_secret
 ):
     path = f"/deploy/{uuid.uuid4().hex}"
     assert (
@@ -207,8 +214,9 @@ def test_a_webhook_target_gets_signed_events_with_the_versions_sha256s(
 
     (post,) = [p for p in receiver.posts if p["path"] == path]
     signature = dict(part.split("=", 1) for part in post["headers"]["X-Unlearnd-Signature"].split(","))
-    expected = hmac.new(SECRET.encode(), signature["t"].encode() + b"." + post["raw"], hashlib.sha256).hexdigest()
-    assert hmac.compare_digest(signature["v1"], expected) and abs(time.time() - int(signature["t"])) < 120
+    signed = f"{signature['t']}.{receiver.base + path}.".encode() + post["raw"]
+    expected = hmac.new(deployment_secret.encode(), signed, hashlib.sha256).hexdigest()
+    assert hmac.compare_digest(signature["v2"], expected) and abs(time.time() - int(signature["t"])) < 120
     body = json.loads(post["raw"])
     assert body["event"] == "adapter.published" and (body["model"], body["version"]) == (model, version)
     assert body["manifest_url"] == f"/v1/models/{model}/adapters/{version}/files/manifest.json"
