@@ -17,6 +17,9 @@ from app.base_models.views import router as models_router
 from app.callbacks.service import register_listeners
 from app.callbacks.views import router as callback_secrets_router
 from app.core.config import get_settings
+from app.deployments.service import register_listeners as register_deployment_listeners
+from app.deployments.views import router as deployments_router
+from app.deployments.views import secret_router as deployment_secret_router
 from app.evidence.views import router as evidence_router
 from app.forget_requests.views import router as requests_router
 from app.jobs.views import router as jobs_router
@@ -26,6 +29,7 @@ from app.retention.views import router as retention_router
 def create_app() -> FastAPI:
     settings = get_settings()
     register_listeners()  # status changes made by API requests send their callbacks
+    register_deployment_listeners()  # and moves of `current` their deployments
     app = FastAPI(title="unlearnd", version="0.1.0", description="Make a language model forget data on request.")
     v1 = APIRouter(prefix="/v1")
     for router in (
@@ -36,6 +40,8 @@ def create_app() -> FastAPI:
         models_router,
         adapters_router,
         aliases_router,
+        deployments_router,
+        deployment_secret_router,
         callback_secrets_router,
     ):
         v1.include_router(router)

@@ -6,6 +6,7 @@ from app.auth.models import ApiKey
 from app.base_models.models import RegisteredModel
 from app.callbacks.models import CallbackDelivery
 from app.core.db import Base
+from app.deployments.models import Deployment, DeploymentTarget, MergedExport
 from app.forget_requests.models import ForgetRequest
 from app.jobs.models import UnlearningJob, job_requests
 
@@ -16,7 +17,10 @@ __all__ = [
     "Base",
     "RegisteredModel",
     "CallbackDelivery",
+    "Deployment",
+    "DeploymentTarget",
     "ForgetRequest",
+    "MergedExport",
     "UnlearningJob",
     "job_requests",
 ]

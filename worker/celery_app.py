@@ -7,7 +7,14 @@ from __future__ import annotations
 from celery import Celery
 from celery.signals import worker_init
 
-from app.core.broker import BATCH_PENDING, RECONCILE, REDELIVER_CALLBACKS, SHRED_DUE, broker_config
+from app.core.broker import (
+    BATCH_PENDING,
+    RECONCILE,
+    REDELIVER_CALLBACKS,
+    REDELIVER_DEPLOYMENTS,
+    SHRED_DUE,
+    broker_config,
+)
 from app.core.config import Settings, get_settings
 from app.jobs.policy import parse_cron
 from worker import request_ids  # noqa: F401  (connects the signals that carry request ids into tasks)
@@ -30,6 +37,10 @@ def make_celery(settings: Settings) -> Celery:
             "reconcile-jobs": {"task": RECONCILE, "schedule": settings.reconcile_interval_seconds},
             "shred-due-requests": {"task": SHRED_DUE, "schedule": settings.shred_interval_seconds},
             "redeliver-callbacks": {"task": REDELIVER_CALLBACKS, "schedule": settings.callback_sweep_interval_seconds},
+            "redeliver-deployments": {
+                "task": REDELIVER_DEPLOYMENTS,
+                "schedule": settings.callback_sweep_interval_seconds,
+            },
         },
         beat_schedule_filename=str(settings.beat_schedule_file),
         worker_hijack_root_logger=False,

@@ -148,6 +148,34 @@ def verify_certificate(
     )
 
 
+@cli.command("export-merged")
+def export_merged(
+    model: Annotated[str, typer.Argument(help="A registered model's name.")],
+    out: Annotated[Path, typer.Argument(help="The folder to write the checkpoint into (empty or new).")],
+    version: Annotated[int | None, typer.Option(help="The adapter version (default: `current`).")] = None,
+    dtype: Annotated[str, typer.Option(help="'bfloat16' or 'base' (the base weights' dtype).")] = "bfloat16",
+) -> None:
+    """Write base + the version's fused delta as a full Hugging Face checkpoint (safetensors shards) with a manifest
+    linking it to the version; refused if the gate's metrics recomputed on it drift from the adapter's."""
+    if dtype not in ("bfloat16", "base"):
+        raise typer.BadParameter("dtype must be 'bfloat16' or 'base'")
+    if out.exists() and any(out.iterdir()):
+        raise typer.BadParameter(f"{out} is not empty")
+    from app.core.errors import DomainError
+    from worker.merged_export import MergeMismatch, export_to_folder
+
+    try:
+        manifest = export_to_folder(model, version, out, dtype, get_settings())
+    except (DomainError, MergeMismatch) as error:
+        typer.echo(f"not exported: {error}", err=True)
+        raise typer.Exit(code=1) from None
+    drift = manifest["metrics"]["drift"]
+    typer.echo(
+        f"wrote {model} version {manifest['version']} merged ({manifest['dtype']}) to {out}: "
+        f"{len(manifest['files'])} files; metric drift {drift} within {manifest['metrics']['tolerance']}"
+    )
+
+
 @keys.command("create")
 def keys_create(
     name: Annotated[str, typer.Option(help="Who the key is for.")],

@@ -7,15 +7,30 @@ from celery import Task
 import app.models  # noqa: F401  (maps every table, so foreign keys resolve in a worker process)
 from app.callbacks.delivery import deliver
 from app.callbacks.service import dispatch, overdue_deliveries, register_listeners
-from app.core.broker import BATCH_PENDING, DELIVER_CALLBACK, RECONCILE, REDELIVER_CALLBACKS, RUN_JOB, SHRED_DUE
+from app.core.broker import (
+    BATCH_PENDING,
+    DELIVER_CALLBACK,
+    DELIVER_DEPLOYMENT,
+    EXPORT_MERGED,
+    RECONCILE,
+    REDELIVER_CALLBACKS,
+    REDELIVER_DEPLOYMENTS,
+    RUN_JOB,
+    SHRED_DUE,
+)
 from app.core.config import get_settings
 from app.core.db import session_scope
+from app.deployments import delivery as deployment_delivery
+from app.deployments.service import dispatch as dispatch_deployments
+from app.deployments.service import overdue_deployments
+from app.deployments.service import register_listeners as register_deployment_listeners
 from app.jobs.reconcile import reconcile
 from app.jobs.service import run_batcher
 from app.retention.service import shred_due
 from worker.celery_app import celery_app
 
 register_listeners()  # status changes made by jobs and scheduled tasks send their callbacks
+register_deployment_listeners()  # moves of `current` made by jobs send their deployments
 
 
 def scheduler(task: Task) -> str:
@@ -65,3 +80,26 @@ def redeliver_callbacks() -> list[int]:
         overdue = overdue_deliveries(session, get_settings())
     dispatch(overdue)
     return overdue
+
+
+@celery_app.task(name=DELIVER_DEPLOYMENT, bind=True, max_retries=None)
+def deliver_deployment(self: Task, deployment_id: int) -> None:
+    delay = deployment_delivery.deliver(deployment_id, get_settings())
+    if delay is not None:
+        raise self.retry(countdown=delay)
+
+
+@celery_app.task(name=REDELIVER_DEPLOYMENTS)
+def redeliver_deployments() -> list[int]:
+    with session_scope() as session:
+        overdue = overdue_deployments(session, get_settings())
+    dispatch_deployments(overdue)
+    return overdue
+
+
+@celery_app.task(name=EXPORT_MERGED)
+def export_merged(export_id: int) -> None:
+    # torch is imported here, in the worker only, never by the API process.
+    from worker.merged_export import run_export
+
+    run_export(export_id, get_settings())

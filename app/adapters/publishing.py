@@ -16,8 +16,10 @@ from app.adapters.models import AdapterVersion
 from app.adapters.service import CURRENT, latest_version
 from app.adapters.store import ArtifactStore
 from app.base_models.models import RegisteredModel
+from app.core.config import get_settings
 from app.core.db import utcnow
 from app.core.errors import Conflict
+from app.deployments.service import PUBLISHED, completion_status, on_alias_moved
 from app.forget_requests.models import RequestStatus
 from app.jobs.lifecycle import transition
 from app.jobs.models import UNMERGE, JobStatus, UnlearningJob, job_id_of
@@ -70,7 +72,8 @@ def write_version(
             metrics=release.metrics,
         )
     )
-    model.current_version = version
+    previous, model.current_version = model.current_version, version
+    on_alias_moved(session, model, version, previous, PUBLISHED)
     transition(session, job, JobStatus.succeeded, actor, version=version)
     return version
 
@@ -80,11 +83,14 @@ def covered_jobs(session: Session, keys: list[str]) -> list[UnlearningJob]:
     return list(session.scalars(select(UnlearningJob).where(UnlearningJob.id.in_(ids)).order_by(UnlearningJob.id)))
 
 
-def complete_requests(job: UnlearningJob, item_metrics: dict[str, list[dict]]) -> None:
-    """The job's requests are forgotten: each item keeps its metrics before and after (by request id)."""
-    now = utcnow()
+def complete_requests(
+    job: UnlearningJob, item_metrics: dict[str, list[dict]], status: RequestStatus = RequestStatus.completed
+) -> None:
+    """The job's requests are forgotten: each item keeps its metrics before and after (by request id). They are
+    `completed` now, or stay `running` until the version is deployed (app/deployments, completion_mode)."""
+    now = utcnow() if status == RequestStatus.completed else None
     for request in job.requests:
-        request.status = RequestStatus.completed
+        request.status = status
         request.completed_at = now
         request.failure_reason = None
         request.item_metrics = item_metrics[str(request.id)]
@@ -121,6 +127,6 @@ def publish(
     if job.method == UNMERGE:
         withdraw_requests(session, job.config["unmerge_job_id"], job.id)
     else:
-        complete_requests(job, item_metrics or {})
+        complete_requests(job, item_metrics or {}, completion_status(session, job.base_model, get_settings()))
     make_current(session, store, job.base_model, version)
     return version

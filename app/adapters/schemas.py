@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from app.core.db import MAX_INTEGER
 from app.core.schemas import Schema
@@ -24,6 +24,18 @@ class AdapterVersionDetail(AdapterVersionOut):
 
 class AliasUpdate(Schema):
     version: int = Field(ge=1, le=MAX_INTEGER, description="An existing adapter version of this model.")
+    force: bool = Field(
+        default=False, description="Move even to a version that does not cover every completed request (audited)."
+    )
+    reason: str | None = Field(
+        default=None, min_length=1, max_length=1000, description="Why; required with `force`, kept in the audit log."
+    )
+
+    @model_validator(mode="after")
+    def _forced_with_reason(self) -> AliasUpdate:
+        if self.force and not self.reason:
+            raise ValueError("force needs a reason")
+        return self
 
 
 class AliasOut(Schema):

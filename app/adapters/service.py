@@ -10,11 +10,14 @@ from app.adapters.schemas import AdapterVersionDetail, AdapterVersionOut
 from app.audit.service import record
 from app.auth.models import ApiKey
 from app.base_models.models import RegisteredModel
-from app.core.errors import NotFound
-from app.forget_requests.models import ForgetRequest
+from app.core.errors import Conflict, NotFound
+from app.deployments.service import MOVED, on_alias_moved
+from app.forget_requests.models import ForgetRequest, RequestStatus
 from app.forget_requests.service import visible_to
+from app.jobs.models import UNMERGE, JobStatus, UnlearningJob, job_key, job_requests
 
 CURRENT = "current"
+MAX_LISTED = 20  # request ids named in a refusal
 
 
 def list_versions(session: Session, model: RegisteredModel) -> list[AdapterVersion]:
@@ -66,13 +69,45 @@ def to_detail(session: Session, row: AdapterVersion, key: ApiKey) -> AdapterVers
     return AdapterVersionDetail(**to_out(row, key).model_dump(), manifest=manifest_for(session, row, key))
 
 
-def move_current(session: Session, model: RegisteredModel, version: int, actor: str) -> AdapterVersion:
+def uncovered_requests(session: Session, model: RegisteredModel, row: AdapterVersion) -> list[str]:
+    """Ids of the model's completed requests (and those waiting for deployment) whose job `row` does not fuse:
+    serving it would bring their records back."""
+    done = session.execute(
+        select(ForgetRequest.id, UnlearningJob.id)
+        .join(job_requests, job_requests.c.request_id == ForgetRequest.id)
+        .join(UnlearningJob, UnlearningJob.id == job_requests.c.job_id)
+        .where(
+            ForgetRequest.base_model_id == model.id,
+            ForgetRequest.status.in_((RequestStatus.completed, RequestStatus.running)),
+            UnlearningJob.status == JobStatus.succeeded,
+            UnlearningJob.method != UNMERGE,
+        )
+    )
+    fused = set(row.manifest.get("jobs", []))
+    return sorted(str(request_id) for request_id, job_id in done if job_key(job_id) not in fused)
+
+
+def move_current(
+    session: Session, model: RegisteredModel, version: int, actor: str, force: bool = False, reason: str | None = None
+) -> AdapterVersion:
     """Point the model's `current` version at an existing one (roll back or forward); the caller then moves the
-    store's alias with publishing.make_current."""
+    store's alias with publishing.make_current.
+
+    A version that does not cover every completed request is refused (409) unless forced: a compliance action,
+    audited with its reason and the requests it uncovers."""
     row = get_version(session, model, version)
+    uncovered = uncovered_requests(session, model, row)
+    if uncovered and not force:
+        raise Conflict(
+            f"version {version} does not cover {len(uncovered)} completed request(s): serving it would bring their "
+            "records back; an admin may force it with a reason",
+            {"uncovered_request_ids": uncovered[:MAX_LISTED], "uncovered": len(uncovered)},
+        )
     previous = model.current_version
     model.current_version = version
     record(
-        session, actor, "adapter.alias_moved", "base_model", model.id, alias=CURRENT, previous=previous, version=version
-    )
+        session, actor, "adapter.alias_moved", "base_model", model.id, alias=CURRENT, previous=previous,
+        version=version, forced=bool(uncovered), reason=reason, uncovered_request_ids=uncovered,
+    )  # fmt: skip
+    on_alias_moved(session, model, version, previous, MOVED)
     return row

@@ -5,6 +5,10 @@ set). Both keep the same layout and promises:
 
     <model>/<version>/{adapter files..., manifest.json}   a version is visible only once its manifest exists
     <model>/aliases/<alias>.json                           {"version": N, "updated_at": ...}, replaced atomically
+    <model>/<alias>/                                       the version's files, for resolvers that read a folder:
+                                                           local: a symlink to <version>/, switched atomically;
+                                                           S3: a copy, refreshed file by file, manifest last
+    <model>/exports/<id>/{config, safetensors shards, tokenizer, manifest.json}   merged checkpoints, manifest last
     _scratch/<key>                                         job checkpoints, not part of any version
 
 Publishing writes the files first and the manifest last, never overwrites a visible version, and reads the manifest
@@ -33,6 +37,7 @@ from app.core.config import Settings
 from app.core.errors import Conflict, NotFound
 
 MANIFEST = "manifest.json"
+EXPORTS = "exports"  # <model>/exports/<id>/: merged checkpoints
 SCRATCH = "_scratch/"  # model names start with a letter or digit, so this never clashes with a model
 CHUNK = 1 << 20
 
@@ -62,14 +67,24 @@ def _alias_key(model: str, alias: str) -> str:
     return f"{model}/aliases/{alias}.json"
 
 
+def folder_manifest(source: Path, manifest: dict) -> tuple[list[Path], bytes]:
+    """The files of `source` (but a manifest) and the manifest listing each one's size and sha256."""
+    files = sorted(p for p in source.iterdir() if p.is_file() and p.name != MANIFEST)
+    listed = {p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)} for p in files}
+    return files, json.dumps({**manifest, "files": listed}, indent=2, sort_keys=True).encode()
+
+
 class ArtifactStore(ABC):
     """Everything above the storage primitives is shared, so both backends read, verify and download alike.
 
     Keys are relative '/'-separated paths such as 'demo/3/manifest.json'; a missing object is FileNotFoundError.
     """
 
+    def uri(self, model: str, version: int) -> str:
+        return self._uri(f"{model}/{version}")
+
     @abstractmethod
-    def uri(self, model: str, version: int) -> str: ...
+    def _uri(self, folder: str) -> str: ...
 
     @abstractmethod
     def quarantine(self, model: str, version: int) -> None:
@@ -91,13 +106,24 @@ class ArtifactStore(ABC):
     @abstractmethod
     def _delete_prefix(self, prefix: str) -> None: ...
 
+    @abstractmethod
+    def _link_alias(self, model: str, alias: str, version: int) -> None:
+        """Make <model>/<alias>/ hold the version's files (and manifest), for resolvers that read a folder."""
+
     def publish(self, model: str, version: int, source: Path, manifest: dict) -> dict:
         """Copy every file of `source` into version `version`; returns the manifest as read back and verified."""
-        files = sorted(p for p in source.iterdir() if p.is_file() and p.name != MANIFEST)
-        listed = {p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)} for p in files}
-        body = json.dumps({**manifest, "files": listed}, indent=2, sort_keys=True).encode()
+        files, body = folder_manifest(source, manifest)
         self._write_version(model, version, files, body)
         return self.verify(model, version)
+
+    def put_export(self, model: str, export_id: int, source: Path, manifest: dict) -> str:
+        """Store a merged checkpoint at <model>/exports/<id>/: its files, then its manifest; returns its URI."""
+        files, body = folder_manifest(source, manifest)
+        folder = f"{model}/{EXPORTS}/{export_id}"
+        for path in files:
+            self._write_atomic(f"{folder}/{path.name}", path)
+        self._write_atomic(f"{folder}/{MANIFEST}", body)
+        return self._uri(folder)
 
     def read_manifest(self, model: str, version: int) -> dict:
         try:
@@ -137,9 +163,11 @@ class ArtifactStore(ABC):
 
     def set_alias(self, model: str, alias: str, version: int) -> None:
         """Point `alias` at a visible version; the caller moves it only after the version's row is committed."""
+        key = _alias_key(model, alias)  # checks the alias name before anything is written
         self.read_manifest(model, version)
         pointer = {"version": version, "updated_at": datetime.now(UTC).isoformat()}
-        self._write_atomic(_alias_key(model, alias), json.dumps(pointer).encode())
+        self._link_alias(model, alias, version)
+        self._write_atomic(key, json.dumps(pointer).encode())
 
     def get_alias(self, model: str, alias: str) -> int | None:
         try:
@@ -194,8 +222,8 @@ class LocalArtifactStore(ArtifactStore):
         if (mode := stat.S_IMODE(self.root.stat().st_mode)) & 0o007:
             self.root.chmod(mode & 0o770)
 
-    def uri(self, model: str, version: int) -> str:
-        return (self.root / model / str(version)).as_uri()
+    def _uri(self, folder: str) -> str:
+        return (self.root / folder).as_uri()
 
     def quarantine(self, model: str, version: int) -> None:
         final = self.root / model / str(version)
@@ -255,6 +283,15 @@ class LocalArtifactStore(ArtifactStore):
         finally:
             temporary.unlink(missing_ok=True)
 
+    def _link_alias(self, model: str, alias: str, version: int) -> None:
+        link = self.root / model / alias
+        temporary = link.with_name(f".{alias}.{uuid.uuid4().hex}.link")
+        os.symlink(str(version), temporary)  # relative: the store can be mounted anywhere
+        try:
+            os.replace(temporary, link)  # atomic: a reader resolves the old version or the new one
+        finally:
+            temporary.unlink(missing_ok=True)
+
     def _delete_prefix(self, prefix: str) -> None:
         base = self.root / prefix.rpartition("/")[0]  # the deepest folder the prefix names in full
         if not base.is_dir():
@@ -281,8 +318,8 @@ class S3ArtifactStore(ArtifactStore):
         self.bucket = bucket
         self.prefix = f"{prefix.strip('/')}/" if prefix.strip("/") else ""
 
-    def uri(self, model: str, version: int) -> str:
-        return f"s3://{self.bucket}/{self.prefix}{model}/{version}/"
+    def _uri(self, folder: str) -> str:
+        return f"s3://{self.bucket}/{self.prefix}{folder}/"
 
     def quarantine(self, model: str, version: int) -> None:
         folder = f"{self.prefix}{model}/{version}/"
@@ -344,6 +381,16 @@ class S3ArtifactStore(ArtifactStore):
 
     def _delete_prefix(self, prefix: str) -> None:
         self._delete(self._list(self.prefix + prefix))
+
+    def _link_alias(self, model: str, alias: str, version: int) -> None:
+        source, folder = f"{self.prefix}{model}/{version}/", f"{self.prefix}{model}/{alias}/"
+        keys = self._list(source)
+        names = [key.removeprefix(source) for key in keys]
+        stale = [key for key in self._list(folder) if key.removeprefix(folder) not in names]
+        self._delete([folder + MANIFEST])  # readers treat a folder without a manifest as being switched
+        for name in sorted(names, key=lambda n: n == MANIFEST):  # the manifest last
+            self.client.copy({"Bucket": self.bucket, "Key": source + name}, self.bucket, folder + name)
+        self._delete(stale)
 
     def _list(self, prefix: str) -> list[str]:
         pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)

@@ -59,12 +59,14 @@ def download_adapter_file(
     return StreamingResponse(chunks, media_type="application/octet-stream", headers=headers)
 
 
-@aliases.put("/current", responses={**JSON_BODY, **error_responses(404)})
+@aliases.put("/current", responses={**JSON_BODY, **error_responses(404, 409)})
 def move_current_alias(
     name: str, body: AliasUpdate, key: AdminKey, session: SessionDep, settings: SettingsDep
 ) -> AliasOut:
-    """Roll the model's `current` adapter back or forward to an existing version (audited)."""
+    """Roll the model's `current` adapter back or forward to an existing version (audited), and deploy it to the
+    model's targets. A version that does not cover every completed request answers 409 unless `force` (with a
+    `reason`): it would bring forgotten records back."""
     model = get_by_name(session, name)
-    service.move_current(session, model, body.version, key.actor)
+    service.move_current(session, model, body.version, key.actor, body.force, body.reason)
     make_current(session, artifact_store(settings), model, body.version)
     return AliasOut(model=name, alias=service.CURRENT, version=body.version)

@@ -23,4 +23,5 @@ class RegisteredModel(Base):
     engine_config: Mapped[dict] = mapped_column(default=dict)
     batching: Mapped[dict] = mapped_column(default=dict)  # overrides of the service's batching policy
     current_version: Mapped[int | None]
+    completion_mode: Mapped[str | None] = mapped_column(String(20))  # overrides the service's; see app/deployments
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -1,4 +1,7 @@
-"""One attempt at POSTing a status change: claim the row, re-check the target, sign the body, record the outcome."""
+"""One attempt at POSTing a status change: claim the row, re-check the target, sign the body, record the outcome.
+
+The claim, the signed POST and the outcome (delivered, retry after a backoff, or given up) are shared with the
+deployment deliveries (app/deployments/), whose rows have the same attempt columns."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import hmac
 import json
 import logging
 import time
+from collections.abc import Collection
 from datetime import timedelta
 from urllib.parse import urlsplit
 
@@ -18,7 +22,7 @@ from app.callbacks.models import CallbackDelivery
 from app.callbacks.secrets import signing_secrets
 from app.callbacks.targets import check_callback_url
 from app.core.config import Settings
-from app.core.db import session_scope, utcnow
+from app.core.db import Base, session_scope, utcnow
 from app.core.errors import InvalidInput
 
 log = logging.getLogger(__name__)
@@ -53,28 +57,48 @@ def backoff(attempts: int, settings: Settings) -> float:
     return min(settings.callback_retry_max_seconds, settings.callback_retry_base_seconds * 2 ** (attempts - 1))
 
 
-def claim(session: Session, delivery_id: int, settings: Settings) -> bool:
-    """Take the row for one attempt if it is due, pushing its next attempt past this one's longest duration, so a
-    duplicate message (sweep, redelivery) finds it not due and sends nothing."""
+def claim(session: Session, table: type[Base], row_id: int, settings: Settings) -> bool:
+    """Take the row (of a table with attempts, next_attempt_at and delivered_at) for one attempt if it is due,
+    pushing its next attempt past this one's longest duration, so a duplicate message (sweep, redelivery) finds it
+    not due and sends nothing."""
     now = utcnow()
     lease = now + timedelta(seconds=3 * settings.callback_timeout_seconds)
     claimed = session.execute(
-        update(CallbackDelivery)
-        .where(
-            CallbackDelivery.id == delivery_id,
-            CallbackDelivery.delivered_at.is_(None),
-            CallbackDelivery.next_attempt_at <= now,
-        )
-        .values(next_attempt_at=lease, attempts=CallbackDelivery.attempts + 1)
+        update(table)
+        .where(table.id == row_id, table.delivered_at.is_(None), table.next_attempt_at <= now)
+        .values(next_attempt_at=lease, attempts=table.attempts + 1)
     )
     return claimed.rowcount == 1
 
 
-def post(url: str, body: bytes, secrets: list[str], settings: Settings) -> str | None:
-    """POST the signed body to the checked address of the URL's host; None when the receiver answered 2xx, else
-    why not."""
+def record_outcome(row: Base, error: str | None, settings: Settings) -> float | None:
+    """Mark the attempted row delivered, due again after a backoff, or given up; returns the backoff, if any."""
+    delay = None
+    if error is None:
+        row.delivered_at = utcnow()
+        row.next_attempt_at = None
+    elif row.attempts >= settings.callback_max_attempts:
+        row.next_attempt_at = None
+        log.warning("%s %s gave up after %s attempts: %s", row.__tablename__, row.id, row.attempts, error)
+    else:
+        delay = backoff(row.attempts, settings)
+        row.next_attempt_at = utcnow() + timedelta(seconds=delay)
+    row.last_error = error
+    return delay
+
+
+def post(
+    url: str,
+    body: bytes,
+    secrets: list[str],
+    settings: Settings,
+    headers: dict[str, str] | None = None,
+    also_ok: Collection[int] = (),
+) -> str | None:
+    """POST the signed body to the checked address of the URL's host (with any extra `headers`); None when the
+    receiver answered 2xx (or a status in `also_ok`), else why not."""
     if not secrets:
-        return "refused: the request's tenant has no callback secret"
+        return "refused: no callback secret to sign with"
     try:
         target = check_callback_url(url, settings)
     except InvalidInput as exc:
@@ -82,6 +106,7 @@ def post(url: str, body: bytes, secrets: list[str], settings: Settings) -> str |
     headers = {
         "Content-Type": "application/json",
         "User-Agent": "unlearnd-callbacks",
+        **(headers or {}),
         "Host": urlsplit(url).netloc,
         SIGNATURE_HEADER: sign(secrets, int(time.time()), url, body),
     }
@@ -92,13 +117,13 @@ def post(url: str, body: bytes, secrets: list[str], settings: Settings) -> str |
             response = client.post(pinned, content=body, headers=headers, extensions={"sni_hostname": target.host})
     except httpx.HTTPError as exc:
         return f"{type(exc).__name__}: {exc}"[:500]
-    return None if response.is_success else f"HTTP {response.status_code}"
+    return None if response.is_success or response.status_code in also_ok else f"HTTP {response.status_code}"
 
 
 def deliver(delivery_id: int, settings: Settings) -> float | None:
     """One attempt; returns the seconds until the next one, or None when delivered, given up or not due."""
     with session_scope() as session:
-        claimed = claim(session, delivery_id, settings)
+        claimed = claim(session, CallbackDelivery, delivery_id, settings)
         session.commit()  # the claim must hold before the POST goes out
         if not claimed:
             return None
@@ -107,17 +132,6 @@ def deliver(delivery_id: int, settings: Settings) -> float | None:
         secrets = signing_secrets(session, delivery.request.tenant, settings)
     error = post(url, body, secrets, settings)
     with session_scope() as session:
-        delivery = session.get(CallbackDelivery, delivery_id)
-        delay = None
-        if error is None:
-            delivery.delivered_at = utcnow()
-            delivery.next_attempt_at = None
-        elif delivery.attempts >= settings.callback_max_attempts:
-            delivery.next_attempt_at = None
-            log.warning("callback delivery %s gave up after %s attempts: %s", delivery_id, delivery.attempts, error)
-        else:
-            delay = backoff(delivery.attempts, settings)
-            delivery.next_attempt_at = utcnow() + timedelta(seconds=delay)
-        delivery.last_error = error
+        delay = record_outcome(session.get(CallbackDelivery, delivery_id), error, settings)
         session.commit()
         return delay

@@ -10,6 +10,7 @@ the API's create_app and the worker's tasks module).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import timedelta
 
 from sqlalchemy import event, inspect, select
@@ -18,7 +19,7 @@ from sqlalchemy.orm import Session, UOWTransaction
 from app.callbacks.models import CallbackDelivery
 from app.core.broker import enqueue_callbacks
 from app.core.config import Settings
-from app.core.db import utcnow
+from app.core.db import Base, utcnow
 from app.forget_requests.models import ForgetRequest
 
 log = logging.getLogger(__name__)
@@ -71,23 +72,25 @@ def register_listeners() -> None:
             event.listen(Session, name, listener)
 
 
-def dispatch(delivery_ids: list[int]) -> None:
-    """Send delivery ids to the default queue; never raises, since the rows are the source of truth."""
+def dispatch(delivery_ids: list[int], enqueue: Callable[[list[int]], None] = enqueue_callbacks) -> None:
+    """Send delivery ids (of callbacks, or of another table `enqueue` serves) to the default queue; never raises,
+    since the rows are the source of truth."""
     if not delivery_ids:
         return
     try:
-        enqueue_callbacks(delivery_ids)
+        enqueue(delivery_ids)
     except Exception:  # broker down: the beat sweep sends them once the broker is back
-        log.exception("could not enqueue callback deliveries %s; the sweep will resend them", delivery_ids)
+        log.exception("could not enqueue deliveries %s; the sweep will resend them", delivery_ids)
 
 
-def overdue_deliveries(session: Session, settings: Settings) -> list[int]:
-    """Undelivered rows due for longer than one sweep interval: their message was lost (or the broker was down)."""
+def overdue_deliveries(session: Session, settings: Settings, table: type[Base] = CallbackDelivery) -> list[int]:
+    """Undelivered rows (of callbacks, or of another table with the same attempt columns) due for longer than one
+    sweep interval: their message was lost (or the broker was down)."""
     cutoff = utcnow() - timedelta(seconds=settings.callback_sweep_interval_seconds)
     query = (
-        select(CallbackDelivery.id)
-        .where(CallbackDelivery.delivered_at.is_(None), CallbackDelivery.next_attempt_at <= cutoff)
-        .order_by(CallbackDelivery.next_attempt_at)
+        select(table.id)
+        .where(table.delivered_at.is_(None), table.next_attempt_at <= cutoff)
+        .order_by(table.next_attempt_at)
         .limit(SWEEP_BATCH)
     )
     return list(session.scalars(query))

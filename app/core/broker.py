@@ -26,6 +26,9 @@ RECONCILE = "unlearnd.reconcile"
 SHRED_DUE = "unlearnd.shred_due"
 DELIVER_CALLBACK = "unlearnd.deliver_callback"
 REDELIVER_CALLBACKS = "unlearnd.redeliver_callbacks"
+DELIVER_DEPLOYMENT = "unlearnd.deliver_deployment"
+REDELIVER_DEPLOYMENTS = "unlearnd.redeliver_deployments"
+EXPORT_MERGED = "unlearnd.export_merged"
 # The message header that carries the id of the HTTP request that sent a task into the worker's log lines.
 REQUEST_ID_HEADER = "unlearnd_request_id"
 BROKER_TIMEOUT_SECONDS = 2.0
@@ -63,7 +66,7 @@ def broker_config(settings: Settings) -> dict:
         "task_publish_retry_policy": {"max_retries": 1, "interval_start": 0, "interval_step": 0.5, "interval_max": 0.5},
         "task_queues": (Queue(GPU_QUEUE), Queue(DEFAULT_QUEUE)),
         "task_default_queue": DEFAULT_QUEUE,
-        "task_routes": {RUN_JOB: {"queue": GPU_QUEUE}},
+        "task_routes": {RUN_JOB: {"queue": GPU_QUEUE}, EXPORT_MERGED: {"queue": GPU_QUEUE}},
         "task_ignore_result": True,
         "task_serializer": "json",
         "accept_content": ["json"],
@@ -99,6 +102,14 @@ def enqueue_jobs(job_ids: Iterable[int]) -> None:
 
 def enqueue_callbacks(delivery_ids: Iterable[int]) -> None:
     send_now(DELIVER_CALLBACK, delivery_ids, DEFAULT_QUEUE)
+
+
+def enqueue_deployments(deployment_ids: Iterable[int]) -> None:
+    send_now(DELIVER_DEPLOYMENT, deployment_ids, DEFAULT_QUEUE)
+
+
+def enqueue_exports(export_ids: Iterable[int]) -> None:
+    send_now(EXPORT_MERGED, export_ids, GPU_QUEUE)
 
 
 def _job_id(message: dict) -> int | None:

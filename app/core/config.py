@@ -109,6 +109,12 @@ class Settings(BaseSettings):
     callback_retry_max_seconds: float = Field(default=3600.0, gt=0)
     callback_sweep_interval_seconds: float = Field(default=60.0, gt=0)  # re-sends due deliveries a lost message left
 
+    # Deployments: serving stacks a model's `current` version is pushed to when it moves, with the callbacks' checks,
+    # signature, timeout and retries. "deployed": a request completes only once its version reached every target.
+    completion_mode: Literal["published", "deployed"] = "published"  # a model's own completion_mode overrides it
+    deployment_api_keys: dict[str, SecretStr] = Field(default_factory=dict)  # name -> bearer key a target names
+    public_url: str = ""  # this API's base URL as webhook receivers reach it, for the manifest URL of an event
+
     log_level: str = "INFO"
     metrics_require_key: bool | None = None  # /metrics needs a requests:read key; unset: except in the embedded mode
 

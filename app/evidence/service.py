@@ -12,6 +12,7 @@ from app.core.certificate_key import key_id, public_key_pem, signing_key
 from app.core.config import Settings
 from app.core.db import utcnow
 from app.core.errors import Conflict
+from app.deployments.service import completion_mode, deployed_to
 from app.evidence.coverage import coverage
 from app.evidence.schemas import SignedCertificate, SigningKeyOut
 from app.evidence.signing import ALGORITHM, sign
@@ -37,7 +38,7 @@ def _version_entry(version: AdapterVersion, key: str) -> dict:
     }
 
 
-def certificate_payload(session: Session, request: ForgetRequest, now: datetime) -> dict:
+def certificate_payload(session: Session, request: ForgetRequest, now: datetime, settings: Settings) -> dict:
     """Everything the certificate attests, as plain JSON values (so its canonical form is what gets served)."""
     if request.status != RequestStatus.completed:
         raise Conflict(
@@ -66,6 +67,8 @@ def certificate_payload(session: Session, request: ForgetRequest, now: datetime)
         "job_id": covered.job.id,
         "first_version": _version_entry(first, key),
         "verified_by": [_version_entry(v, key) for v in covered.reverified],
+        "completion_mode": completion_mode(request.base_model, settings),
+        "deployed_to": deployed_to(session, [first, *covered.reverified]),
         "thresholds": {
             **job_metrics.get("target", {}),
             "retain_ppl_limit": first.metrics.get("verification", {}).get("retain_ppl_limit"),
@@ -82,7 +85,7 @@ def certificate_payload(session: Session, request: ForgetRequest, now: datetime)
 
 
 def certificate(session: Session, request: ForgetRequest, settings: Settings) -> SignedCertificate:
-    return SignedCertificate(**sign(certificate_payload(session, request, utcnow()), signing_key(settings)))
+    return SignedCertificate(**sign(certificate_payload(session, request, utcnow(), settings), signing_key(settings)))
 
 
 def public_signing_key(settings: Settings) -> SigningKeyOut:

@@ -37,6 +37,8 @@ os.environ.update(
     UNLEARND_CALLBACK_ALLOWED_HOSTS='["127.0.0.1"]',
     UNLEARND_CALLBACK_ALLOWED_NETWORKS='["127.0.0.1/32"]',
     UNLEARND_CALLBACK_RETRY_BASE_SECONDS="0.5",
+    # A key vLLM deployment targets may name (tests/service/test_deployments.py).
+    UNLEARND_DEPLOYMENT_API_KEYS='{"vllm-test": "sk-test-vllm"}',
     # One admin key drives whole modules (the Schemathesis run among them); the limiter has tests of its own.
     UNLEARND_RATE_LIMIT_PER_MINUTE="1e9",
     UNLEARND_RATE_LIMIT_BURST="1000000",
@@ -52,8 +54,10 @@ def database() -> Iterator[str]:
 
     upgrade(DATABASE_URL)
     from app.callbacks.service import register_listeners
+    from app.deployments.service import register_listeners as register_deployment_listeners
 
     register_listeners()  # as the API and the worker do at startup, for tests that call services directly
+    register_deployment_listeners()
     yield DATABASE_URL
     from app.core.db import get_engine
 

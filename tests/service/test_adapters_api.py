@@ -88,7 +88,9 @@ def test_rollback_moves_the_alias_in_database_and_store_with_an_audit_event(
     event = session.scalars(
         select(AuditEvent).where(AuditEvent.action == "adapter.alias_moved").order_by(AuditEvent.id.desc())
     ).first()
-    assert event.data == {"alias": "current", "previous": 2, "version": 1}
+    assert event.data == {
+        "alias": "current", "previous": 2, "version": 1, "forced": False, "reason": None, "uncovered_request_ids": []
+    }  # fmt: skip
     client.put(f"/v1/models/{two_versions}/aliases/current", headers=auth(admin_key), json={"version": 2})
     assert artifact_store(settings).get_alias(two_versions, "current") == 2
 

@@ -216,6 +216,35 @@ def test_alias_points_at_a_published_version_and_moves(store: ArtifactStore, tmp
     assert store.get_alias("other", "current") is None
 
 
+def test_the_current_folder_holds_the_files_of_the_version_current_points_at(
+    store: ArtifactStore, tmp_path: Path
+) -> None:
+    """What vLLM's filesystem resolver or LoRAX's local source reads: <model>/current/ follows the alias."""
+    first = adapter_files(tmp_path / "one", "a")
+    store.publish("demo", 1, tmp_path / "one", {})
+    second = adapter_files(tmp_path / "two", "b")
+    (tmp_path / "two" / "fusion_state.safetensors").unlink()  # a version without a file the first one had
+    del second["fusion_state.safetensors"]
+    store.publish("demo", 2, tmp_path / "two", {})
+
+    def current_folder() -> dict[str, bytes]:
+        names = [*store.read_manifest("demo", store.get_alias("demo", "current"))["files"], MANIFEST]
+        return {name: b"".join(store._read(f"demo/current/{name}")) for name in names}
+
+    store.set_alias("demo", "current", 2)
+    assert current_folder() == {**second, MANIFEST: read_all(store, "demo", 2, MANIFEST)}
+    store.set_alias("demo", "current", 1)  # roll back: the first version's files again, the extra one included
+    assert {k: v for k, v in current_folder().items() if k != MANIFEST} == first
+    store.set_alias("demo", "current", 2)
+    assert current_folder()[MANIFEST] == read_all(store, "demo", 2, MANIFEST)
+    with pytest.raises(FileNotFoundError):  # the file version 2 lacks is gone from the folder
+        store._read("demo/current/fusion_state.safetensors")
+    if isinstance(store, LocalArtifactStore):  # a symlink a plain directory reader follows
+        link = store.root / "demo" / "current"
+        assert link.is_symlink() and link.resolve() == (store.root / "demo" / "2").resolve()
+        assert (link / "adapter_config.json").read_bytes() == second["adapter_config.json"]
+
+
 def test_scratch_files_are_stored_fetched_and_deleted_by_prefix(store: ArtifactStore, tmp_path: Path) -> None:
     checkpoint = tmp_path / "checkpoint.safetensors"
     checkpoint.write_bytes(b"step 10")

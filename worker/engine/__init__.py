@@ -12,6 +12,7 @@ from worker.engine.sequential import (
     fuse_state,
     original_base,
     unmerge_job,
+    verify_model,
 )
 from worker.engine.training import Progress, UnlearnConfig, UnlearnResult, load_causal_lm, unlearn
 
@@ -33,4 +34,5 @@ __all__ = [
     "original_base",
     "unlearn",
     "unmerge_job",
+    "verify_model",
 ]

@@ -219,10 +219,7 @@ def _fused_version(
 
     `original` holds holdout_ma, holdout_el and retain_ppl of the original base; None measures them on `base`.
     """
-    union = [item for items in forget_sets.values() for item in items]
-    # unlearn()'s own sets, so that retain perplexity is measured on the job's sample; with no forget set held,
-    # the holdout items fill the forget slot and are never evaluated as such
-    sets = _evaluation_sets(tokenizer, union or holdout_items, retain_items, holdout_items, config)
+    sets = _gate_sets(tokenizer, forget_sets, retain_items, holdout_items, config)
     if original is None:
         original = evaluate(_evaluation(base, sets, config), ["holdout_ma", "holdout_el", "retain_ppl"])
     target = {"forget_ma": original["holdout_ma"], "forget_el": original["holdout_el"]}
@@ -251,6 +248,34 @@ def _fused_version(
         if repair.steps == 0 or repair.stop_reason != "target_reached":
             break
     return FusedVersion(model, _on(state, torch.device("cpu")), fused.ranks, fused.errors, verification, repaired)
+
+
+def _gate_sets(
+    tokenizer: PreTrainedTokenizerBase,
+    forget_sets: Mapping[str, Sequence[Item]],
+    retain_items: Sequence[Item],
+    holdout_items: Sequence[Item],
+    config: UnlearnConfig,
+) -> dict[str, Batch]:
+    """unlearn()'s own sets, so that retain perplexity is measured on the job's sample; with no forget set held,
+    the holdout items fill the forget slot and are never evaluated as such."""
+    union = [item for items in forget_sets.values() for item in items]
+    return _evaluation_sets(tokenizer, union or holdout_items, retain_items, holdout_items, config)
+
+
+def verify_model(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    forget_sets: Mapping[str, Sequence[Item]],
+    retain_items: Sequence[Item],
+    holdout_items: Sequence[Item],
+    target: Mapping[str, float],
+    retain_ppl_limit: float,
+    config: UnlearnConfig,
+) -> Verification:
+    """The gate's evaluation of any model on a version's sets, e.g. of a merged checkpoint against the adapter's."""
+    sets = _gate_sets(tokenizer, forget_sets, retain_items, holdout_items, config)
+    return _verify(model, sets, forget_sets, target, retain_ppl_limit, config)
 
 
 def _verify(
