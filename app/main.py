@@ -7,7 +7,6 @@ import logging
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy import text
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -15,7 +14,6 @@ from app.adapters.views import aliases as aliases_router
 from app.adapters.views import router as adapters_router
 from app.base_models.views import router as models_router
 from app.core.config import get_settings
-from app.core.db import get_engine
 from app.core.errors import DomainError, error_body, error_responses
 from app.core.limits import RequestBodyGuard
 from app.core.metrics import HttpMetrics, Metrics
@@ -24,15 +22,17 @@ from app.core.request_ids import RequestIds
 from app.core.routes import RouteTable
 from app.evidence.views import router as evidence_router
 from app.forget_requests.views import router as requests_router
+from app.health import readiness_checks
 from app.jobs.views import router as jobs_router
 from app.retention.views import router as retention_router
-from worker.celery_app import broker_reachable
+from app.ui.app import create_ui
 
 log = logging.getLogger(__name__)
 
 DB_RETRY_AFTER_SECONDS = "5"
 # Enough to fix a request by; a body of 100 000 bad items must not produce a 100 000-entry answer.
 MAX_VALIDATION_ERRORS = 20
+UI_PATH = "/ui"
 
 
 def _json_error(status: int, code: str, message: str, details=None, headers=None) -> JSONResponse:
@@ -103,14 +103,7 @@ def healthz() -> dict:
 @health.get("/readyz", responses={503: {**error_responses(503)[503], "description": "A dependency is unreachable."}})
 def readyz() -> JSONResponse:
     """The database and the broker both answer."""
-    checks = {}
-    try:
-        with get_engine().connect() as connection:
-            connection.execute(text("SELECT 1"))
-        checks["database"] = "ok"
-    except Exception as exc:  # any failure to reach it means not ready
-        checks["database"] = f"unavailable: {type(exc).__name__}"
-    checks["broker"] = "ok" if broker_reachable() else "unavailable"
+    checks = readiness_checks()
     if all(v == "ok" for v in checks.values()):
         return JSONResponse({"status": "ready", "checks": checks})
     return _json_error(503, "not_ready", "a dependency is unavailable", checks, {"Retry-After": DB_RETRY_AFTER_SECONDS})
@@ -133,10 +126,16 @@ def create_app() -> FastAPI:
     app.include_router(v1)
     app.include_router(health)
     app.include_router(metrics_router)
+    app.mount(UI_PATH, create_ui())  # the dashboard: same process, same origin, same service functions
     app.state.metrics = Metrics()
     app.state.routes = RouteTable(app)
     add_error_handlers(app)
-    app.add_middleware(RequestBodyGuard, max_bytes=settings.max_body_bytes, max_depth=settings.max_json_depth)
+    app.add_middleware(
+        RequestBodyGuard,
+        max_bytes=settings.max_body_bytes,
+        max_depth=settings.max_json_depth,
+        form_prefix=f"{UI_PATH}/",
+    )
     app.add_middleware(HttpMetrics, metrics=app.state.metrics)
     app.add_middleware(RequestIds)  # outermost, so even a refused body is logged with its id
     return app

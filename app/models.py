@@ -8,6 +8,7 @@ from app.callbacks.models import CallbackDelivery
 from app.core.db import Base
 from app.forget_requests.models import ForgetRequest
 from app.jobs.models import UnlearningJob, job_requests
+from app.ui.models import DashboardSession
 
 __all__ = [
     "AdapterVersion",
@@ -16,6 +17,7 @@ __all__ = [
     "Base",
     "BaseModel",
     "CallbackDelivery",
+    "DashboardSession",
     "ForgetRequest",
     "UnlearningJob",
     "job_requests",

@@ -5,8 +5,10 @@ from sqlalchemy.orm import Session
 
 from app.adapters.models import AdapterVersion
 from app.adapters.schemas import AdapterVersionDetail, AdapterVersionOut
+from app.adapters.store import artifact_store
 from app.audit.service import record
 from app.base_models.models import BaseModel
+from app.core.config import Settings
 from app.core.errors import NotFound
 
 CURRENT = "current"
@@ -28,6 +30,11 @@ def get_version(session: Session, model: BaseModel, version: int) -> AdapterVers
 
 def latest_version(session: Session, model: BaseModel) -> int | None:
     return session.scalar(select(func.max(AdapterVersion.version)).where(AdapterVersion.base_model_id == model.id))
+
+
+def version_of_job(session: Session, job_id: int) -> AdapterVersion | None:
+    """The version a job published, if it did."""
+    return session.scalar(select(AdapterVersion).where(AdapterVersion.job_id == job_id))
 
 
 def to_out(row: AdapterVersion) -> AdapterVersionOut:
@@ -56,3 +63,10 @@ def move_current(session: Session, model: BaseModel, version: int, actor: str) -
         session, actor, "adapter.alias_moved", "base_model", model.id, alias=CURRENT, previous=previous, version=version
     )
     return row
+
+
+def roll_current(session: Session, settings: Settings, model: BaseModel, version: int, actor: str) -> None:
+    """move_current, committed, then the store's pointer: never pointing at a version the database does not have."""
+    move_current(session, model, version, actor)
+    session.commit()
+    artifact_store(settings).set_alias(model.name, CURRENT, version)

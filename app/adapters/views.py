@@ -55,8 +55,5 @@ def move_current_alias(
     name: str, body: AliasUpdate, key: AdminKey, session: SessionDep, settings: SettingsDep
 ) -> AliasOut:
     """Roll the model's `current` adapter back or forward to an existing version (audited)."""
-    model = get_by_name(session, name)
-    service.move_current(session, model, body.version, key.actor)
-    session.commit()
-    artifact_store(settings).set_alias(name, service.CURRENT, body.version)
+    service.roll_current(session, settings, get_by_name(session, name), body.version, key.actor)
     return AliasOut(model=name, alias=service.CURRENT, version=body.version)

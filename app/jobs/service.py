@@ -94,6 +94,14 @@ def create_unmerge(session: Session, model: BaseModel, job_id: int, settings: Se
     return job
 
 
+def start_unmerge(session: Session, model: BaseModel, job_id: int, settings: Settings, actor: str) -> UnlearningJob:
+    """create_unmerge, committed, then sent to a worker."""
+    job = create_unmerge(session, model, job_id, settings, actor)
+    session.commit()
+    enqueue(session, [job.id])
+    return job
+
+
 def visible_to(key: ApiKey) -> ColumnElement[bool]:
     """A job is visible to a tenant that has a request in it; `admin` sees every job."""
     return true() if key.is_admin else UnlearningJob.requests.any(ForgetRequest.tenant == key.tenant)
@@ -107,9 +115,18 @@ def get(session: Session, job_id: int, key: ApiKey) -> UnlearningJob:
 
 
 def list_jobs(
-    session: Session, key: ApiKey, status: str | None, model: BaseModel | None, cursor: str | None, limit: int
+    session: Session,
+    key: ApiKey,
+    status: str | None,
+    model: BaseModel | None,
+    cursor: str | None,
+    limit: int,
+    tenant: str | None = None,
 ) -> tuple[list[UnlearningJob], str | None]:
+    """Newest first; `tenant` keeps the jobs holding one of that tenant's requests (within what the key sees)."""
     query = select(UnlearningJob).where(visible_to(key))
+    if tenant is not None:
+        query = query.where(UnlearningJob.requests.any(ForgetRequest.tenant == tenant))
     if status is not None:
         query = query.where(UnlearningJob.status == status)
     if model is not None:
