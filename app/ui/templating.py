@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -10,7 +9,6 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import HTMLResponse
 from fastapi.templating import Jinja2Templates
-from markupsafe import Markup
 
 from app.core.db import utcnow
 from app.ui.models import DashboardSession
@@ -50,12 +48,6 @@ def number(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
 
 
-def json_script(value: Any) -> Markup:
-    """JSON for a <script type="application/json"> block: '<', '>' and '&' escaped so it cannot close the tag."""
-    text = json.dumps(value, default=str).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-    return Markup(text)
-
-
 def base_path(request: Request) -> dict[str, str]:
     # The mount's path as the browser sees it (with a proxy's root path in front, if any).
     return {"ui": request.scope.get("root_path", "").rstrip("/")}
@@ -80,7 +72,7 @@ def notice(request: Request) -> dict[str, str | None]:
 
 
 templates = Jinja2Templates(directory=HERE / "templates", context_processors=[base_path, notice])
-templates.env.filters.update(duration=duration, moment=moment, relative=relative, number=number, json=json_script)
+templates.env.filters.update(duration=duration, moment=moment, relative=relative, number=number)
 
 
 def page(

@@ -43,8 +43,8 @@ def screenshots(tmp_path_factory) -> Path:
 @pytest.fixture
 def browse(chromium, live_api) -> Iterator:
     """New browser contexts (each its own cookies) that may only talk to the API's origin: any other request is
-    refused and remembered, and the test fails if there was one."""
-    contexts, foreign = [], []
+    refused and remembered, and the test fails if there was one, or if a script of the page failed."""
+    contexts, foreign, errors = [], [], []
 
     def open_page():
         context = chromium.new_context(base_url=live_api, viewport={"width": 1360, "height": 900})
@@ -58,12 +58,15 @@ def browse(chromium, live_api) -> Iterator:
 
         context.route("**/*", only_our_origin)
         contexts.append(context)
-        return context.new_page()
+        page = context.new_page()
+        page.on("pageerror", errors.append)
+        return page
 
     yield open_page
     for context in contexts:
         context.close()
     assert foreign == [], f"the dashboard asked other hosts for {foreign}"
+    assert errors == [], f"the dashboard's scripts failed: {errors}"
 
 
 def sign_in(page, key: str) -> None:
@@ -146,10 +149,10 @@ def test_a_job_goes_from_queued_to_running_to_succeeded_live_and_its_curve_is_pl
         .observe(document.body, {subtree: true, childList: true, characterData: true}); }"""
     )
     worker_later()
-    page.wait_for_function("window.seen.includes('running')", timeout=JOB_SECONDS * 1000)
+    page.wait_for_function("() => window.seen.includes('running')", timeout=JOB_SECONDS * 1000)
     page.wait_for_selector("#job-live progress[value]", timeout=60_000)
     shoot(page, screenshots, "job-running")
-    page.wait_for_function("['succeeded', 'failed'].includes(window.seen.at(-1))", timeout=JOB_SECONDS * 1000)
+    page.wait_for_function("() => ['succeeded', 'failed'].includes(window.seen.at(-1))", timeout=JOB_SECONDS * 1000)
     seen = page.evaluate("window.seen")
     assert seen[-1] == "succeeded", seen
     assert [s for s in seen if s in ("queued", "running", "succeeded")] == ["queued", "running", "succeeded"], seen
@@ -159,7 +162,7 @@ def test_a_job_goes_from_queued_to_running_to_succeeded_live_and_its_curve_is_pl
     curve = page.locator("#curve").inner_text()
     for label in ("forget MA", "target MA", "forget EL", "retain perplexity", "limit"):
         assert label in curve, label
-    plotted = json.loads(page.locator(f"#job-{job_id}-forget").text_content())
+    plotted = json.loads(page.locator(f"#job-{job_id}-forget").get_attribute("data-spec"))
     job = api.get(f"/v1/jobs/{job_id}").json()
     assert plotted["x"][-1] == job["progress"]["step"]  # the curve runs to the last step the job trained
     assert "passed" in page.locator("#verification").inner_text()

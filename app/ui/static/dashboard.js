@@ -1,5 +1,6 @@
 // The dashboard's only script of its own: confirmation dialogs for dangerous forms, and uPlot charts drawn from the
-// JSON blocks the server renders. No inline script anywhere (the Content-Security-Policy forbids it).
+// JSON the server renders into each chart's data-spec attribute (not a <script> block: htmx drops those from the
+// fragments it swaps in). No inline script anywhere (the Content-Security-Policy forbids it).
 "use strict";
 
 const COLORS = ["#4f46e5", "#0891b2", "#c026d3", "#ea580c", "#16a34a"];
@@ -27,7 +28,7 @@ document.addEventListener("submit", (event) => {
 function drawPlot(element) {
   if (element.dataset.drawn) return;
   element.dataset.drawn = "1";
-  const spec = JSON.parse(document.getElementById(element.dataset.plot).textContent);
+  const spec = JSON.parse(element.dataset.spec);
   const series = [{ label: spec.x_label }];
   const data = [spec.x];
   for (const line of spec.lines) {
@@ -52,4 +53,4 @@ function drawPlot(element) {
   element.chart = new uPlot(options, data, element);
 }
 
-htmx.onLoad((root) => root.querySelectorAll("[data-plot]").forEach(drawPlot));
+htmx.onLoad((root) => root.querySelectorAll("[data-spec]").forEach(drawPlot));
