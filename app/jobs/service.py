@@ -123,7 +123,10 @@ def list_jobs(
     limit: int,
     tenant: str | None = None,
 ) -> tuple[list[UnlearningJob], str | None]:
-    """Newest first; `tenant` keeps the jobs holding one of that tenant's requests (within what the key sees)."""
+    """Newest first; `tenant` keeps the jobs holding one of that tenant's requests. Only `admin` may name another
+    tenant: a tenant's key learns nothing about who else shares its jobs."""
+    if tenant is not None and not key.is_admin and tenant != key.tenant:
+        return [], None
     query = select(UnlearningJob).where(visible_to(key))
     if tenant is not None:
         query = query.where(UnlearningJob.requests.any(ForgetRequest.tenant == tenant))

@@ -14,6 +14,7 @@ import pytest
 
 from tests.service.conftest import API_LOG, DATA_DIR, auth, make_key, register_demo_model
 from tests.service.processes import candidates, start_worker, stop
+from tests.service.rows import published_versions
 
 pytestmark = pytest.mark.integration
 
@@ -59,7 +60,7 @@ def browse(chromium, live_api) -> Iterator:
         context.route("**/*", only_our_origin)
         contexts.append(context)
         page = context.new_page()
-        page.on("pageerror", errors.append)
+        page.on("pageerror", lambda error: errors.append(str(error)))
         return page
 
     yield open_page
@@ -187,32 +188,8 @@ def test_a_job_goes_from_queued_to_running_to_succeeded_live_and_its_curve_is_pl
 @pytest.fixture
 def two_versions(api, tiny_demo_model, settings, tmp_path) -> str:
     """A model with versions 1 and 2 published through the real store, `current` on 2."""
-    from app.adapters.models import AdapterVersion
-    from app.adapters.store import artifact_store
-    from app.base_models.service import get_by_name
-    from app.core.db import session_scope
-    from app.jobs.models import UnlearningJob
-
     name = register_demo_model(api, tiny_demo_model)
-    store = artifact_store(settings)
-    with session_scope() as session:
-        model = get_by_name(session, name)
-        for version in (1, 2):
-            source = tmp_path / f"v{version}"
-            source.mkdir()
-            (source / "adapter_config.json").write_text(json.dumps({"r": version}))
-            (source / "adapter_model.safetensors").write_bytes(bytes(range(256)) * version)
-            job = UnlearningJob(base_model_id=model.id, method="ihl", config={}, status="succeeded")
-            session.add(job)
-            session.flush()
-            manifest = store.publish(name, version, source, {"version": version, "jobs": [f"job-{job.id}"]})
-            session.add(
-                AdapterVersion(base_model_id=model.id, version=version, parent_version=version - 1 or None,
-                               job_id=job.id, artifact_uri=store.uri(name, version), manifest=manifest, metrics={})
-            )  # fmt: skip
-        model.current_version = 2
-        session.commit()
-    store.set_alias(name, "current", 2)
+    published_versions(settings, name, tmp_path)
     return name
 
 
