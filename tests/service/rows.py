@@ -109,7 +109,7 @@ def published_versions(settings, model_name: str, folder: Path, count: int = 2) 
     from app.adapters.store import artifact_store
     from app.base_models.service import get_by_name
     from app.core.db import session_scope
-    from app.jobs.models import UnlearningJob, job_key
+    from app.jobs.models import UnlearningJob
 
     store = artifact_store(settings)
     with session_scope() as session:
@@ -122,7 +122,7 @@ def published_versions(settings, model_name: str, folder: Path, count: int = 2) 
             job = UnlearningJob(base_model_id=model.id, method="ihl", config={}, status="succeeded")
             session.add(job)
             session.flush()
-            manifest = store.publish(model_name, version, source, {"version": version, "jobs": [job_key(job.id)]})
+            manifest = store.publish(model_name, version, source, {"version": version})
             session.add(
                 AdapterVersion(base_model_id=model.id, version=version, parent_version=version - 1 or None,
                                job_id=job.id, artifact_uri=store.uri(model_name, version), manifest=manifest,
