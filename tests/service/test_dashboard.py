@@ -153,6 +153,11 @@ def test_a_job_goes_from_queued_to_running_to_succeeded_live_and_its_curve_is_pl
     page.wait_for_function("() => window.seen.includes('running')", timeout=JOB_SECONDS * 1000)
     page.wait_for_selector("#job-live progress[value]", timeout=60_000)
     shoot(page, screenshots, "job-running")
+    overview = page.context.new_page()
+    overview.goto("/ui/")
+    overview.wait_for_selector(f"#running-jobs a[href='/ui/jobs/{job_id}']")
+    shoot(overview, screenshots, "overview-running")
+    overview.close()
     page.wait_for_function("() => ['succeeded', 'failed'].includes(window.seen.at(-1))", timeout=JOB_SECONDS * 1000)
     seen = page.evaluate("window.seen")
     assert seen[-1] == "succeeded", seen

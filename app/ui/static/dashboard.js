@@ -47,7 +47,8 @@ function drawPlot(element) {
     height: 240,
     series,
     scales: { x: { time: false } },
-    axes: [{ label: spec.x_label }, {}],
+    // versions and steps are whole numbers: no ticks between them
+    axes: [{ label: spec.x_label, incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000] }, {}],
     legend: { live: true },
   };
   element.chart = new uPlot(options, data, element);
