@@ -131,3 +131,30 @@ def test_a_refused_action_is_an_error_page_in_the_dashboards_style(client, model
     assert "text/html" in answer.headers["content-type"] and "Conflict" in answer.text
     assert "only completed, cancelled or failed requests can be shredded" in answer.text
     assert answer.headers["content-security-policy"].startswith("default-src 'self'")
+
+
+def test_revoking_a_key_ends_its_dashboard_sessions(client, session):
+    from app.auth.service import revoke_key
+    from tests.service.test_access_control import key_row
+
+    secret = make_key(["requests:read"], "soon-revoked")
+    browser = signed_in(client, secret)
+    assert browser.get("/ui/").status_code == 200
+    revoke_key(session, key_row(session, secret).id, actor="test")
+    session.commit()
+    answer = browser.get("/ui/")
+    assert answer.status_code == 303 and answer.headers["location"] == "/ui/sign-in?next=/ui/"
+
+
+def test_sign_in_only_redirects_within_the_dashboard(client, admin_key):
+    from tests.service.test_access_control import dashboard
+
+    for target, expected in (
+        ("//evil.example/ui/", "/ui/"),
+        ("https://evil.example/", "/ui/"),
+        ("/ui/jobs", "/ui/jobs"),
+    ):
+        browser = dashboard(client)
+        token = re.search(r'name="form_token" value="([^"]+)"', browser.get("/ui/sign-in").text).group(1)
+        answer = browser.post("/ui/sign-in", data={"form_token": token, "api_key": admin_key, "next": target})
+        assert answer.status_code == 303 and answer.headers["location"] == expected, target
