@@ -151,7 +151,8 @@ def test_a_job_goes_from_queued_to_running_to_succeeded_live_and_its_curve_is_pl
     )
     worker_later()
     page.wait_for_function("() => window.seen.includes('running')", timeout=JOB_SECONDS * 1000)
-    page.wait_for_selector("#job-live progress[value]", timeout=60_000)
+    page.wait_for_function("() => Number(document.querySelector('#job-live progress')?.value) > 0",
+                           timeout=JOB_SECONDS * 1000)  # fmt: skip
     shoot(page, screenshots, "job-running")
     overview = page.context.new_page()
     overview.goto("/ui/")
