@@ -158,3 +158,34 @@ def test_sign_in_only_redirects_within_the_dashboard(client, admin_key):
         token = re.search(r'name="form_token" value="([^"]+)"', browser.get("/ui/sign-in").text).group(1)
         answer = browser.post("/ui/sign-in", data={"form_token": token, "api_key": admin_key, "next": target})
         assert answer.status_code == 303 and answer.headers["location"] == expected, target
+
+
+def test_cancelling_a_queued_job_from_the_dashboard_puts_its_requests_back_to_pending(client, model, admin, admin_key):
+    from app.core.db import session_scope
+    from app.forget_requests.models import ForgetRequest
+    from app.jobs.models import UnlearningJob
+
+    body = {"subject_request_id": f"dsr-{uuid.uuid4().hex}", "model": model, "items": [{"text": "c d"}]}
+    request_id = client.post("/v1/forget-requests", json=body, headers=auth(admin_key)).json()["id"]
+    with session_scope() as session:
+        request = session.get(ForgetRequest, uuid.UUID(request_id))
+        request.status = "batched"
+        job = UnlearningJob(base_model_id=request.base_model_id, method="ihl", config={}, requests=[request])
+        session.add(job)
+        session.commit()
+        job_id = job.id
+    assert 'id="cancel-job"' in admin.get(f"/ui/jobs/{job_id}").text
+    answer = admin.post(f"/ui/jobs/{job_id}/cancel", data={"csrf_token": csrf_token(admin)})
+    assert answer.status_code == 303 and answer.headers["location"] == f"/ui/jobs/{job_id}?done=cancelled"
+    assert client.get(f"/v1/jobs/{job_id}", headers=auth(admin_key)).json()["status"] == "cancelled"
+    assert client.get(f"/v1/forget-requests/{request_id}", headers=auth(admin_key)).json()["status"] == "pending"
+    assert "The job is cancelled" in admin.get(answer.headers["location"]).text
+
+
+def test_unmerging_the_only_job_of_a_version_is_refused_with_the_apis_reason(client, model, admin):
+    _, job_id = finished_request(model, [{"text": "Eli Moss sails."}])  # publishes a version fusing this job alone
+    answer = admin.post(f"/ui/models/{model}/unmerge", data={"csrf_token": csrf_token(admin), "job_id": str(job_id)})
+    assert answer.status_code == 409 and "text/html" in answer.headers["content-type"]
+    assert "is the only job in the adapter: roll the `current` alias back instead" in answer.text
+    bad = admin.post(f"/ui/models/{model}/unmerge", data={"csrf_token": csrf_token(admin), "job_id": "x"})
+    assert bad.status_code == 422
