@@ -189,3 +189,16 @@ def test_unmerging_the_only_job_of_a_version_is_refused_with_the_apis_reason(cli
     assert "is the only job in the adapter: roll the `current` alias back instead" in answer.text
     bad = admin.post(f"/ui/models/{model}/unmerge", data={"csrf_token": csrf_token(admin), "job_id": "x"})
     assert bad.status_code == 422
+
+
+def test_the_session_cookie_is_secure_over_https_and_scoped_to_the_dashboard(client, admin_key):
+    from fastapi.testclient import TestClient
+
+    for base, secure in (("https://dash.example", True), ("http://dash.example", False)):
+        browser = TestClient(client.app, base_url=base, follow_redirects=False)
+        token = re.search(r'name="form_token" value="([^"]+)"', browser.get("/ui/sign-in").text).group(1)
+        answer = browser.post("/ui/sign-in", data={"form_token": token, "api_key": admin_key})
+        (cookie,) = [c for c in answer.headers.get_list("set-cookie") if c.startswith("unlearnd_session=")]
+        attributes = {part.strip().split("=")[0].lower() for part in cookie.split(";")}
+        assert {"httponly", "path"} <= attributes and "Path=/ui" in cookie and "SameSite=strict" in cookie
+        assert ("secure" in attributes) is secure, base
