@@ -180,6 +180,9 @@ def test_cancelling_a_queued_job_from_the_dashboard_puts_its_requests_back_to_pe
     assert client.get(f"/v1/jobs/{job_id}", headers=auth(admin_key)).json()["status"] == "cancelled"
     assert client.get(f"/v1/forget-requests/{request_id}", headers=auth(admin_key)).json()["status"] == "pending"
     assert "The job is cancelled" in admin.get(answer.headers["location"]).text
+    assert f'data-job="{job_id}"' in admin.get("/ui/jobs", params={"status": "cancelled", "model": model}).text
+    assert f'data-job="{job_id}"' not in admin.get("/ui/jobs", params={"status": "queued"}).text
+    assert f'data-job="{job_id}"' not in admin.get("/ui/jobs/rows", params={"tenant": "nobody"}).text
 
 
 def test_unmerging_the_only_job_of_a_version_is_refused_with_the_apis_reason(client, model, admin):

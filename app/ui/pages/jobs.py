@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 
 from app.adapters.service import version_of_job
@@ -28,29 +29,39 @@ Cursor = Annotated[str | None, Query(max_length=18, pattern=r"^[0-9]*$")]
 CANCELLABLE = (JobStatus.queued, JobStatus.running, JobStatus.evaluating)
 
 
-def _listing(session: SessionDep, viewer: Reader, model: str | None, status: str | None, tenant: str | None,
-             cursor: str | None) -> dict:  # fmt: skip
-    base_model = get_by_name(session, model) if model else None
+@dataclass
+class JobFilters:
+    """The list's query: blank fields filter nothing."""
+
+    model: Filter = None
+    status: Filter = None
+    tenant: Filter = None
+    cursor: Cursor = None
+
+
+Filters = Annotated[JobFilters, Depends()]
+
+
+def _listing(session: SessionDep, viewer: Reader, query: JobFilters) -> dict:
+    base_model = get_by_name(session, query.model) if query.model else None
     rows, next_cursor = service.list_jobs(
-        session, viewer.api_key, status or None, base_model, cursor or None, PAGE_SIZE, tenant or None
+        session, viewer.api_key, query.status or None, base_model, query.cursor or None, PAGE_SIZE, query.tenant or None
     )
-    filters = {"model": model or "", "status": status or "", "tenant": tenant or ""}
-    return {"jobs": rows, "next_cursor": next_cursor, "filters": filters, "cursor": cursor or ""}
+    filters = {"model": query.model or "", "status": query.status or "", "tenant": query.tenant or ""}
+    return {"jobs": rows, "next_cursor": next_cursor, "filters": filters, "cursor": query.cursor or ""}
 
 
 @router.get("/jobs")
-def jobs_page(request: Request, viewer: Reader, session: SessionDep, model: Filter = None, status: Filter = None,
-              tenant: Filter = None, cursor: Cursor = None) -> HTMLResponse:  # fmt: skip
-    listing = _listing(session, viewer, model, status, tenant, cursor)
+def jobs_page(request: Request, viewer: Reader, session: SessionDep, query: Filters) -> HTMLResponse:
     statuses = [s.value for s in JobStatus]
-    return page(request, "jobs.html", viewer, models=list_models(session), statuses=statuses, **listing)
+    return page(request, "jobs.html", viewer, models=list_models(session), statuses=statuses,
+                **_listing(session, viewer, query))  # fmt: skip
 
 
 @router.get("/jobs/rows")
-def job_rows(request: Request, viewer: Reader, session: SessionDep, model: Filter = None, status: Filter = None,
-             tenant: Filter = None, cursor: Cursor = None) -> HTMLResponse:  # fmt: skip
+def job_rows(request: Request, viewer: Reader, session: SessionDep, query: Filters) -> HTMLResponse:
     """The list's rows alone, polled by the jobs page."""
-    return page(request, "_job_rows.html", viewer, **_listing(session, viewer, model, status, tenant, cursor))
+    return page(request, "_job_rows.html", viewer, **_listing(session, viewer, query))
 
 
 def _job_context(session: SessionDep, viewer: Reader, job_id: int) -> dict:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 import uuid
+from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy import select
 
@@ -33,11 +34,21 @@ Filter = Annotated[str | None, Query(max_length=200)]
 Cursor = Annotated[str | None, Query(max_length=200)]
 
 
+@dataclass
+class RequestFilters:
+    """`q` is an id (opens the request) or a subject_request_id; blank fields filter nothing."""
+
+    q: Filter = None
+    status: Filter = None
+    model: Filter = None
+    cursor: Cursor = None
+
+
 @router.get("/requests")
-def requests_page(request: Request, viewer: Reader, session: SessionDep, q: Filter = None, status: Filter = None,
-                  model: Filter = None, cursor: Cursor = None) -> Response:  # fmt: skip
-    """The list, newest first; `q` is an id (opens the request) or a subject_request_id."""
-    key, q = viewer.api_key, (q or "").strip()
+def requests_page(request: Request, viewer: Reader, session: SessionDep,
+                  query: Annotated[RequestFilters, Depends()]) -> Response:  # fmt: skip
+    """The list, newest first, or the one request an id names."""
+    key, q = viewer.api_key, (query.q or "").strip()
     try:
         request_id = uuid.UUID(q) if q else None
     except ValueError:
@@ -49,7 +60,7 @@ def requests_page(request: Request, viewer: Reader, session: SessionDep, q: Filt
         rows, next_cursor = [], None
     else:
         rows, next_cursor = service.list_requests(
-            session, key, status or None, model or None, cursor or None, PAGE_SIZE, q or None
+            session, key, query.status or None, query.model or None, query.cursor or None, PAGE_SIZE, q or None
         )
     return page(
         request,
@@ -57,7 +68,7 @@ def requests_page(request: Request, viewer: Reader, session: SessionDep, q: Filt
         viewer,
         rows=rows,
         next_cursor=next_cursor,
-        filters={"q": q, "status": status or "", "model": model or ""},
+        filters={"q": q, "status": query.status or "", "model": query.model or ""},
         statuses=[s.value for s in RequestStatus],
         models=list_models(session),
     )
