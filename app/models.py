@@ -3,7 +3,7 @@
 from app.adapters.models import AdapterVersion
 from app.audit.models import AuditEvent
 from app.auth.models import ApiKey
-from app.base_models.models import BaseModel
+from app.base_models.models import RegisteredModel
 from app.callbacks.models import CallbackDelivery
 from app.core.db import Base
 from app.forget_requests.models import ForgetRequest
@@ -15,7 +15,7 @@ __all__ = [
     "ApiKey",
     "AuditEvent",
     "Base",
-    "BaseModel",
+    "RegisteredModel",
     "CallbackDelivery",
     "DashboardSession",
     "ForgetRequest",

@@ -43,7 +43,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import psycopg
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
@@ -55,6 +54,8 @@ from app.forget_requests.models import ForgetRequest
 from app.forget_requests.schemas import ForgetRequestCreate
 from app.forget_requests.service import body_digest
 from app.migrate import upgrade
+from tests.service.databases import create_database, drop_database
+from tests.service.processes import free_port, stop, wait_until
 from worker.demo_model import DemoModel, build_demo_model
 
 HOST = "127.0.0.1"
@@ -275,25 +276,17 @@ async def run_clients(
 # --- The system under test -----------------------------------------------------------------------------------------
 
 
-def _admin_dsn(admin_url: str) -> str:
-    return make_url(admin_url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
 @contextlib.contextmanager
 def fresh_database(admin_url: str, log: Log) -> Iterator[str]:
     """A new, migrated database; dropped on the way out."""
-    name = f"unlearnd_load_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(_admin_dsn(admin_url), autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
+    url = create_database(admin_url, f"unlearnd_load_{uuid.uuid4().hex[:10]}")
     try:
-        url = make_url(admin_url).set(database=name).render_as_string(hide_password=False)
         upgrade(url)
-        log(f"database {name} created and migrated")
+        log(f"database {make_url(url).database} created and migrated")
         yield url
     finally:
-        with psycopg.connect(_admin_dsn(admin_url), autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        log(f"database {name} dropped")
+        drop_database(admin_url, url)
+        log(f"database {make_url(url).database} dropped")
 
 
 def create_keys(database_url: str) -> tuple[str, str, int]:
@@ -338,14 +331,15 @@ class Server:
 def api_server(workers: int, port: int, env: dict[str, str], work_dir: Path, log: Log) -> Iterator[Server]:
     """`unlearnd serve --workers N` in its own process group, until every worker has started; stopped on the way
     out (SIGTERM to the group, SIGKILL after a grace period)."""
-    port = port or _free_port()
+    port = port or free_port()
     with socket.socket() as probe:
         if probe.connect_ex((HOST, port)) == 0:
             raise SystemExit(f"something already listens on {HOST}:{port}; pick another --port")
     log_path = work_dir / f"serve-{workers}.log"
     with log_path.open("wb") as out:
+        command = ["serve", "--host", HOST, "--port", str(port), "--workers", str(workers)]
         process = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve", "--host", HOST, "--port", str(port), "--workers", str(workers)],
+            [sys.executable, "-m", "worker.cli", *command],
             stdout=out, stderr=subprocess.STDOUT, env=env, cwd=work_dir, start_new_session=True,
         )  # fmt: skip
     base_url = f"http://{HOST}:{port}"
@@ -354,39 +348,22 @@ def api_server(workers: int, port: int, env: dict[str, str], work_dir: Path, log
         log(f"{workers} API worker process(es) ready on {base_url}")
         yield Server(base_url, process.pid)
     finally:
-        _stop_group(process)
+        stop(process, SERVER_STOP_SECONDS)
         log(f"server stopped (exit {process.returncode})")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
 def _wait_ready(process: subprocess.Popen, base_url: str, workers: int, log_path: Path) -> None:
-    deadline = time.monotonic() + SERVER_START_SECONDS
-    while time.monotonic() < deadline:
+    def ready() -> bool:
         if process.poll() is not None:
             raise RuntimeError(f"the server exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
         # uvicorn logs this once per worker process; /readyz alone would answer as soon as the first one is up
-        if log_path.read_text().count("Application startup complete.") >= workers:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{base_url}/readyz", timeout=5).status_code == 200:
-                    return
-        time.sleep(0.25)
-    raise RuntimeError(f"the server was not ready after {SERVER_START_SECONDS:.0f}s:\n{log_path.read_text()[-3000:]}")
+        if log_path.read_text().count("Application startup complete.") < workers:
+            return False
+        with contextlib.suppress(httpx.HTTPError):
+            return httpx.get(f"{base_url}/readyz", timeout=5).status_code == 200
+        return False
 
-
-def _stop_group(process: subprocess.Popen) -> None:
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(SERVER_STOP_SECONDS)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+    wait_until(ready, SERVER_START_SECONDS, f"the server ({log_path})")
 
 
 def queued_jobs(base_url: str, admin_key: str, demo: DemoModel, jobs: int) -> list[int]:

@@ -1,29 +1,22 @@
-"""Carries the id of the HTTP request that sent a Celery task into the worker that runs it, so the task's log lines
-name the request. Imported by worker.celery_app, so both the API (publishing) and the worker (running) connect it."""
+"""Adopts the id of the HTTP request that sent a Celery task (app.core.broker puts it in the message's headers) in the
+worker that runs it, so the task's log lines name the request. Imported by worker.celery_app."""
 
 from __future__ import annotations
 
 import logging
 
 from celery import Task
-from celery.signals import before_task_publish, setup_logging, task_postrun, task_prerun
+from celery.signals import setup_logging, task_postrun, task_prerun
 
+from app.core.broker import REQUEST_ID_HEADER
 from app.core.logging import configure_logging, request_id
-
-HEADER = "unlearnd_request_id"
 
 log = logging.getLogger(__name__)
 
 
-@before_task_publish.connect
-def _attach_request_id(headers: dict, **_: object) -> None:
-    if (current := request_id.get()) is not None:
-        headers[HEADER] = current
-
-
 @task_prerun.connect
 def _adopt_request_id(task_id: str, task: Task, **_: object) -> None:
-    request_id.set(getattr(task.request, HEADER, None))
+    request_id.set(getattr(task.request, REQUEST_ID_HEADER, None))
     log.info("task %s started", task.name, extra={"task_id": task_id})
 
 

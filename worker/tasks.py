@@ -6,21 +6,16 @@ from celery import Task
 
 import app.models  # noqa: F401  (maps every table, so foreign keys resolve in a worker process)
 from app.callbacks.delivery import deliver
-from app.callbacks.service import dispatch, overdue_deliveries
+from app.callbacks.service import dispatch, overdue_deliveries, register_listeners
+from app.core.broker import BATCH_PENDING, DELIVER_CALLBACK, RECONCILE, REDELIVER_CALLBACKS, RUN_JOB, SHRED_DUE
 from app.core.config import get_settings
 from app.core.db import session_scope
 from app.jobs.reconcile import reconcile
 from app.jobs.service import run_batcher
 from app.retention.service import shred_due
-from worker.celery_app import (
-    BATCH_PENDING,
-    DELIVER_CALLBACK,
-    RECONCILE,
-    REDELIVER_CALLBACKS,
-    RUN_JOB,
-    SHRED_DUE,
-    celery_app,
-)
+from worker.celery_app import celery_app
+
+register_listeners()  # status changes made by jobs and scheduled tasks send their callbacks
 
 
 def scheduler(task: Task) -> str:

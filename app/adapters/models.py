@@ -5,7 +5,7 @@ from datetime import datetime
 from sqlalchemy import ForeignKey, String, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from app.base_models.models import BaseModel
+from app.base_models.models import RegisteredModel
 from app.core.db import Base, utcnow
 
 
@@ -25,4 +25,4 @@ class AdapterVersion(Base):
     metrics: Mapped[dict] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
-    base_model: Mapped[BaseModel] = relationship(lazy="joined")
+    base_model: Mapped[RegisteredModel] = relationship(lazy="joined")

@@ -5,21 +5,19 @@ from sqlalchemy.orm import Session
 
 from app.adapters.models import AdapterVersion
 from app.adapters.schemas import AdapterVersionDetail, AdapterVersionOut
-from app.adapters.store import artifact_store
 from app.audit.service import record
-from app.base_models.models import BaseModel
-from app.core.config import Settings
+from app.base_models.models import RegisteredModel
 from app.core.errors import NotFound
 
 CURRENT = "current"
 
 
-def list_versions(session: Session, model: BaseModel) -> list[AdapterVersion]:
+def list_versions(session: Session, model: RegisteredModel) -> list[AdapterVersion]:
     query = select(AdapterVersion).where(AdapterVersion.base_model_id == model.id).order_by(AdapterVersion.version)
     return list(session.scalars(query))
 
 
-def get_version(session: Session, model: BaseModel, version: int) -> AdapterVersion:
+def get_version(session: Session, model: RegisteredModel, version: int) -> AdapterVersion:
     row = session.scalar(
         select(AdapterVersion).where(AdapterVersion.base_model_id == model.id, AdapterVersion.version == version)
     )
@@ -28,7 +26,7 @@ def get_version(session: Session, model: BaseModel, version: int) -> AdapterVers
     return row
 
 
-def latest_version(session: Session, model: BaseModel) -> int | None:
+def latest_version(session: Session, model: RegisteredModel) -> int | None:
     return session.scalar(select(func.max(AdapterVersion.version)).where(AdapterVersion.base_model_id == model.id))
 
 
@@ -53,9 +51,9 @@ def to_detail(row: AdapterVersion) -> AdapterVersionDetail:
     return AdapterVersionDetail(**to_out(row).model_dump(), manifest=row.manifest)
 
 
-def move_current(session: Session, model: BaseModel, version: int, actor: str) -> AdapterVersion:
-    """Point the model's `current` alias at an existing version (roll back or forward); the caller commits, then
-    moves the store's pointer object, so the store never points at a version the database does not have."""
+def move_current(session: Session, model: RegisteredModel, version: int, actor: str) -> AdapterVersion:
+    """Point the model's `current` version at an existing one (roll back or forward); the caller then moves the
+    store's alias with publishing.make_current."""
     row = get_version(session, model, version)
     previous = model.current_version
     model.current_version = version
@@ -63,10 +61,3 @@ def move_current(session: Session, model: BaseModel, version: int, actor: str) -
         session, actor, "adapter.alias_moved", "base_model", model.id, alias=CURRENT, previous=previous, version=version
     )
     return row
-
-
-def roll_current(session: Session, settings: Settings, model: BaseModel, version: int, actor: str) -> None:
-    """move_current, committed, then the store's pointer: never pointing at a version the database does not have."""
-    move_current(session, model, version, actor)
-    session.commit()
-    artifact_store(settings).set_alias(model.name, CURRENT, version)

@@ -6,11 +6,12 @@ from fastapi import APIRouter, Path
 from fastapi.responses import StreamingResponse
 
 from app.adapters import service
+from app.adapters.publishing import make_current
 from app.adapters.schemas import AdapterVersionDetail, AdapterVersionOut, AliasOut, AliasUpdate
 from app.adapters.store import MANIFEST, artifact_store
+from app.api.deps import AdminKey, ReaderKey, SessionDep, SettingsDep
 from app.base_models.service import get_by_name
 from app.core.db import MAX_INTEGER
-from app.core.deps import AdminKey, ReaderKey, SessionDep, SettingsDep
 from app.core.errors import AUTHENTICATED, JSON_BODY, error_responses
 
 router = APIRouter(prefix="/models/{name}/adapters", tags=["adapters"], responses=AUTHENTICATED)
@@ -55,5 +56,7 @@ def move_current_alias(
     name: str, body: AliasUpdate, key: AdminKey, session: SessionDep, settings: SettingsDep
 ) -> AliasOut:
     """Roll the model's `current` adapter back or forward to an existing version (audited)."""
-    service.roll_current(session, settings, get_by_name(session, name), body.version, key.actor)
+    model = get_by_name(session, name)
+    service.move_current(session, model, body.version, key.actor)
+    make_current(session, artifact_store(settings), model, body.version)
     return AliasOut(model=name, alias=service.CURRENT, version=body.version)

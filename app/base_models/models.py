@@ -8,7 +8,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 from app.core.db import Base, utcnow
 
 
-class BaseModel(Base):
+class RegisteredModel(Base):
     """A Hugging Face causal LM on local disk that deletion requests target."""
 
     __tablename__ = "base_models"

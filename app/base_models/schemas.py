@@ -5,7 +5,7 @@ from datetime import datetime
 from pydantic import Field
 
 from app.core.schemas import Schema
-from app.jobs.batching import BatchingPolicy
+from app.jobs.policy import BatchingPolicy
 
 
 class BaseModelCreate(Schema):

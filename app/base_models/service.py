@@ -8,7 +8,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.audit.service import record
-from app.base_models.models import BaseModel
+from app.base_models.models import RegisteredModel
 from app.base_models.schemas import BaseModelCreate, BaseModelUpdate
 from app.core.errors import Conflict, InvalidInput, NotFound
 
@@ -55,15 +55,15 @@ def _checked_paths(data: BaseModelCreate) -> tuple[Path, Path, Path, Path]:
     return model_dir, tokenizer_dir, retain, holdout
 
 
-def register(session: Session, data: BaseModelCreate, actor: str) -> BaseModel:
+def register(session: Session, data: BaseModelCreate, actor: str) -> RegisteredModel:
     try:
         model_dir, tokenizer_dir, retain, holdout = _checked_paths(data)
     except (OSError, ValueError) as exc:  # a NUL character, a name too long for the filesystem, an unreadable folder
         reason = exc.strerror if isinstance(exc, OSError) else str(exc)  # str(OSError) would repeat the path
         raise InvalidInput(f"cannot read the given paths: {reason}") from None
-    if session.scalar(select(BaseModel.id).where(BaseModel.name == data.name)) is not None:
+    if session.scalar(select(RegisteredModel.id).where(RegisteredModel.name == data.name)) is not None:
         raise Conflict(f"a model named '{data.name}' is already registered")
-    model = BaseModel(
+    model = RegisteredModel(
         name=data.name,
         path=str(model_dir),
         tokenizer_path=str(tokenizer_dir),
@@ -79,19 +79,19 @@ def register(session: Session, data: BaseModelCreate, actor: str) -> BaseModel:
     return model
 
 
-def list_models(session: Session) -> list[BaseModel]:
-    return list(session.scalars(select(BaseModel).order_by(BaseModel.name)))
+def list_models(session: Session) -> list[RegisteredModel]:
+    return list(session.scalars(select(RegisteredModel).order_by(RegisteredModel.name)))
 
 
-def get_by_name(session: Session, name: str) -> BaseModel:
-    model = session.scalar(select(BaseModel).where(BaseModel.name == name))
+def get_by_name(session: Session, name: str) -> RegisteredModel:
+    model = session.scalar(select(RegisteredModel).where(RegisteredModel.name == name))
     if model is None:
         known = [m.name for m in list_models(session)]
         raise NotFound(f"unknown model '{name}'", {"known_models": known})
     return model
 
 
-def update_batching(session: Session, model: BaseModel, data: BaseModelUpdate, actor: str) -> BaseModel:
+def update_batching(session: Session, model: RegisteredModel, data: BaseModelUpdate, actor: str) -> RegisteredModel:
     previous, model.batching = model.batching, data.batching.model_dump(exclude_none=True)
     record(session, actor, "base_model.batching_changed", "base_model", model.id, previous=previous,
            batching=model.batching)  # fmt: skip

@@ -2,9 +2,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter, status
 
+from app.api.deps import AdminKey, ReaderKey, SessionDep
 from app.base_models import service
 from app.base_models.schemas import BaseModelCreate, BaseModelOut, BaseModelUpdate
-from app.core.deps import AdminKey, ReaderKey, SessionDep
 from app.core.errors import AUTHENTICATED, JSON_BODY, error_responses
 
 router = APIRouter(prefix="/models", tags=["models"], responses=AUTHENTICATED)

@@ -1,3 +1,1 @@
-"""Status callbacks. Importing the package registers the session listeners that record every status change."""
-
-from app.callbacks import service  # noqa: F401
+"""Status callbacks: delivery rows per status change (service), their signed HTTP delivery, and URL checks."""

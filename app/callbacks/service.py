@@ -3,7 +3,8 @@ in the same transaction, and each row's id goes to the default queue once that t
 
 Status changes are noticed by a before_flush listener on every Session, so the code that changes a status
 (submission, batching, the job runner, cancellation, and whatever comes next) needs no call of its own and cannot
-forget one.
+forget one. The listeners are registered explicitly by each process that changes statuses (`register_listeners`:
+the API's create_app and the worker's tasks module).
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from sqlalchemy import event, inspect, select
 from sqlalchemy.orm import Session, UOWTransaction
 
 from app.callbacks.models import CallbackDelivery
+from app.core.broker import enqueue_callbacks
 from app.core.config import Settings
 from app.core.db import utcnow
 from app.forget_requests.models import ForgetRequest
-from worker.celery_app import enqueue_callbacks
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +56,19 @@ def drop_after_rollback(session: Session) -> None:
     session.info.pop(UNSENT, None)
 
 
-event.listen(Session, "before_flush", record_status_changes)
-event.listen(Session, "after_flush", remember_deliveries)
-event.listen(Session, "after_commit", send_after_commit)
-event.listen(Session, "after_rollback", drop_after_rollback)
+LISTENERS = (
+    ("before_flush", record_status_changes),
+    ("after_flush", remember_deliveries),
+    ("after_commit", send_after_commit),
+    ("after_rollback", drop_after_rollback),
+)
+
+
+def register_listeners() -> None:
+    """Make every Session record status changes as callback deliveries and send them after commit (idempotent)."""
+    for name, listener in LISTENERS:
+        if not event.contains(Session, name, listener):
+            event.listen(Session, name, listener)
 
 
 def dispatch(delivery_ids: list[int]) -> None:

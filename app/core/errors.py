@@ -54,16 +54,6 @@ class RateLimited(DomainError):
         super().__init__(message, details, headers={"Retry-After": str(retry_after)})
 
 
-class PayloadTooLarge(DomainError):
-    status_code = 413
-    code = "payload_too_large"
-
-
-class ServiceUnavailable(DomainError):
-    status_code = 503
-    code = "service_unavailable"
-
-
 def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, "details": details}}
 

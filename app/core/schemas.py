@@ -1,4 +1,4 @@
-"""Base class for API schemas (named so it never shadows the ORM's BaseModel entity), and the one error shape."""
+"""Base class for API schemas (never to be read as the ORM's RegisteredModel), and the one error shape."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ import uuid
 
 from fastapi import APIRouter
 
-from app.core.deps import ReaderKey, SessionDep, SettingsDep
+from app.api.deps import ReaderKey, SessionDep, SettingsDep
 from app.core.errors import AUTHENTICATED, error_responses
 from app.evidence import service
 from app.evidence.schemas import SignedCertificate, SigningKeyOut

@@ -8,7 +8,7 @@ from sqlalchemy import ForeignKey, Index, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app.auth.models import DEFAULT_TENANT
-from app.base_models.models import BaseModel
+from app.base_models.models import RegisteredModel
 from app.core.db import Base, utcnow
 
 
@@ -54,4 +54,4 @@ class ForgetRequest(Base):
     item_metrics: Mapped[list | None]
     status_callback_urls: Mapped[list] = mapped_column(default=list, server_default="[]")
 
-    base_model: Mapped[BaseModel] = relationship(lazy="joined")
+    base_model: Mapped[RegisteredModel] = relationship(lazy="joined")

@@ -5,7 +5,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response, status
 
-from app.core.deps import ReaderKey, SessionDep, SettingsDep, WriterKey
+from app.api.deps import ReaderKey, SessionDep, SettingsDep, WriterKey
 from app.core.errors import AUTHENTICATED, JSON_BODY, error_responses
 from app.forget_requests import service
 from app.forget_requests.schemas import ForgetRequestCreate, ForgetRequestOut, ForgetRequestPage

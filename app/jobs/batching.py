@@ -16,46 +16,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from celery.schedules import crontab
-from pydantic import Field, field_validator
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.audit.service import record
-from app.base_models.models import BaseModel
+from app.base_models.models import RegisteredModel
 from app.core.config import Settings
 from app.core.db import lock_for_write, utcnow
-from app.core.schemas import Schema
 from app.forget_requests.models import ForgetRequest, RequestStatus
 from app.jobs.models import JobStatus, UnlearningJob
+from app.jobs.policy import BatchingPolicy, parse_cron
 
 DEFAULT_METHOD = "ihl"
 UNFINISHED = (JobStatus.queued, JobStatus.running, JobStatus.evaluating, JobStatus.publishing)
-
-
-def parse_cron(expression: str) -> crontab:
-    """A five-field crontab (minute hour day-of-month month day-of-week), evaluated in UTC."""
-    if len(expression.split()) != 5:
-        raise ValueError(f"a schedule is a five-field crontab, got {expression!r}")
-    return crontab.from_string(expression)
-
-
-class BatchingPolicy(Schema):
-    """A model's overrides of the service's batching policy (unset fields keep the service's settings)."""
-
-    max_items: int | None = Field(default=None, gt=0, le=100_000, description="Items that trigger a job, and cap it.")
-    max_wait_seconds: float | None = Field(default=None, ge=0, description="Oldest request's wait that triggers one.")
-    deadline_margin_seconds: float | None = Field(default=None, ge=0, description="Due-date margin that triggers one.")
-    schedule: str | None = Field(
-        default=None, max_length=100, description="Crontab (UTC), e.g. '0 2 * * *': batch at these times, not by wait."
-    )
-
-    @field_validator("schedule")
-    @classmethod
-    def _valid_cron(cls, value: str | None) -> str | None:
-        if value is not None:
-            parse_cron(value)
-        return value
 
 
 @dataclass(frozen=True)
@@ -66,7 +39,7 @@ class Policy:
     schedule: str | None
 
     @classmethod
-    def for_model(cls, model: BaseModel, settings: Settings) -> Policy:
+    def for_model(cls, model: RegisteredModel, settings: Settings) -> Policy:
         values = {
             "max_items": settings.batch_max_items,
             "max_wait_seconds": settings.batch_max_wait_seconds,
@@ -112,7 +85,7 @@ def batch_pending(
     settings: Settings,
     actor: str,
     force: bool = False,
-    only_model: BaseModel | None = None,
+    only_model: RegisteredModel | None = None,
     now: datetime | None = None,
 ) -> list[UnlearningJob]:
     """Form at most one job per model from its pending requests, per the policy (caller commits, then enqueues).
@@ -125,10 +98,10 @@ def batch_pending(
     lock_for_write(session)
     waiting = select(ForgetRequest.base_model_id).where(ForgetRequest.status == RequestStatus.pending).distinct()
     busy = select(UnlearningJob.base_model_id).where(UnlearningJob.status.in_(UNFINISHED))
-    query = select(BaseModel).where(BaseModel.id.in_(waiting), BaseModel.id.not_in(busy))
+    query = select(RegisteredModel).where(RegisteredModel.id.in_(waiting), RegisteredModel.id.not_in(busy))
     if only_model is not None:
-        query = query.where(BaseModel.id == only_model.id)
-    models = session.scalars(query.order_by(BaseModel.id).with_for_update(skip_locked=True)).all()
+        query = query.where(RegisteredModel.id == only_model.id)
+    models = session.scalars(query.order_by(RegisteredModel.id).with_for_update(skip_locked=True)).all()
     jobs = []
     for model in models:
         # re-checked under the model's lock: another batcher may have committed a job since the query above
@@ -148,13 +121,18 @@ def batch_pending(
     return jobs
 
 
-def job_config(model: BaseModel, settings: Settings) -> dict:
+def job_config(model: RegisteredModel, settings: Settings) -> dict:
     """Engine settings for a new job: service-wide defaults, overridden per model."""
     return {**settings.job_defaults, **model.engine_config}
 
 
 def _form_job(
-    session: Session, model: BaseModel, requests: list[ForgetRequest], trigger: str, settings: Settings, actor: str
+    session: Session,
+    model: RegisteredModel,
+    requests: list[ForgetRequest],
+    trigger: str,
+    settings: Settings,
+    actor: str,
 ) -> UnlearningJob:
     config = job_config(model, settings)
     job = UnlearningJob(

@@ -6,7 +6,7 @@ from datetime import datetime
 from sqlalchemy import Column, ForeignKey, Index, String, Table, Text
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from app.base_models.models import BaseModel
+from app.base_models.models import RegisteredModel
 from app.core.db import Base, utcnow
 from app.forget_requests.models import ForgetRequest
 
@@ -72,5 +72,5 @@ class UnlearningJob(Base):
     error: Mapped[str | None] = mapped_column(Text)
     evaluation: Mapped[dict | None]  # what a failed verification measured
 
-    base_model: Mapped[BaseModel] = relationship(lazy="joined")
+    base_model: Mapped[RegisteredModel] = relationship(lazy="joined")
     requests: Mapped[list[ForgetRequest]] = relationship(secondary=job_requests, order_by=ForgetRequest.received_at)

@@ -15,12 +15,12 @@ from datetime import timedelta
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
+from app.core.broker import broker_job_ids
 from app.core.config import Settings
 from app.core.db import utcnow
 from app.jobs.lifecycle import ACTIVE, is_lost, locked, recover_lost
 from app.jobs.models import JobStatus, UnlearningJob
 from app.jobs.service import enqueue
-from worker.celery_app import broker_job_ids
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,8 @@ from sqlalchemy.orm import Session
 from app.adapters.models import AdapterVersion
 from app.audit.service import record
 from app.auth.models import ApiKey
-from app.base_models.models import BaseModel
+from app.base_models.models import RegisteredModel
+from app.core.broker import enqueue_jobs
 from app.core.config import Settings
 from app.core.db import MAX_INTEGER, utcnow
 from app.core.errors import Conflict, InvalidInput, NotFound
@@ -18,7 +19,6 @@ from app.jobs.batching import batch_pending, job_config
 from app.jobs.lifecycle import cancel
 from app.jobs.models import UNMERGE, JobStatus, UnlearningJob, job_key
 from app.jobs.schemas import JobOut
-from worker.celery_app import enqueue_jobs
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def enqueue(session: Session, job_ids: list[int]) -> None:
 
 
 def run_batcher(
-    session: Session, settings: Settings, actor: str, force: bool = False, only_model: BaseModel | None = None
+    session: Session, settings: Settings, actor: str, force: bool = False, only_model: RegisteredModel | None = None
 ) -> list[UnlearningJob]:
     jobs = batch_pending(session, settings, actor, force=force, only_model=only_model)
     session.commit()
@@ -62,7 +62,9 @@ def request_cancel(session: Session, job: UnlearningJob, actor: str) -> Unlearni
     return job
 
 
-def create_unmerge(session: Session, model: BaseModel, job_id: int, settings: Settings, actor: str) -> UnlearningJob:
+def create_unmerge(
+    session: Session, model: RegisteredModel, job_id: int, settings: Settings, actor: str
+) -> UnlearningJob:
     """Queue a job that publishes a new version without `job_id`'s adapter (caller commits, then enqueues)."""
     target = session.get(UnlearningJob, job_id)
     if target is None or target.base_model_id != model.id:
@@ -94,7 +96,9 @@ def create_unmerge(session: Session, model: BaseModel, job_id: int, settings: Se
     return job
 
 
-def start_unmerge(session: Session, model: BaseModel, job_id: int, settings: Settings, actor: str) -> UnlearningJob:
+def start_unmerge(
+    session: Session, model: RegisteredModel, job_id: int, settings: Settings, actor: str
+) -> UnlearningJob:
     """create_unmerge, committed, then sent to a worker."""
     job = create_unmerge(session, model, job_id, settings, actor)
     session.commit()
@@ -118,7 +122,7 @@ def list_jobs(
     session: Session,
     key: ApiKey,
     status: str | None,
-    model: BaseModel | None,
+    model: RegisteredModel | None,
     cursor: str | None,
     limit: int,
     tenant: str | None = None,

@@ -4,9 +4,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
 
+from app.api.deps import AdminKey, ReaderKey, SessionDep, SettingsDep
 from app.base_models.service import get_by_name
 from app.core.db import MAX_INTEGER
-from app.core.deps import AdminKey, ReaderKey, SessionDep, SettingsDep
 from app.core.errors import AUTHENTICATED, JSON_BODY, error_responses
 from app.jobs import service
 from app.jobs.schemas import BatchResult, JobOut, JobPage, UnmergeCreate

@@ -4,7 +4,7 @@ import uuid
 
 from fastapi import APIRouter
 
-from app.core.deps import AdminKey, SessionDep, SettingsDep
+from app.api.deps import AdminKey, SessionDep, SettingsDep
 from app.core.errors import AUTHENTICATED, error_responses
 from app.forget_requests.schemas import ForgetRequestOut
 from app.forget_requests.service import get as get_request

@@ -10,9 +10,9 @@ from urllib.parse import parse_qsl
 from fastapi import Depends, Request, Security
 from fastapi.security import SecurityScopes
 
+from app.api.deps import SessionDep, SettingsDep
 from app.auth.rate_limit import check_rate
 from app.auth.service import require_scope
-from app.core.deps import SessionDep, SettingsDep
 from app.core.errors import DomainError, Forbidden
 from app.ui.models import DashboardSession
 from app.ui.sessions import COOKIE, find, same_token

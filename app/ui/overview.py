@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from app.adapters.models import AdapterVersion
 from app.adapters.service import get_version, latest_version
 from app.auth.models import ApiKey
-from app.base_models.models import BaseModel
+from app.base_models.models import RegisteredModel
 from app.base_models.service import list_models
 from app.forget_requests import service as requests
 from app.forget_requests.models import ForgetRequest, RequestStatus
@@ -39,7 +39,7 @@ class Deadlines:
 
 @dataclass
 class LatestVersion:
-    model: BaseModel
+    model: RegisteredModel
     version: AdapterVersion | None
     jobs: int  # training jobs fused into it
     requests: int  # the key's requests it covers
@@ -54,8 +54,8 @@ def requests_by_status(session: Session, key: ApiKey) -> dict[str, int]:
 def deadlines(session: Session, key: ApiKey, now: datetime) -> list[Deadlines]:
     """Per model, open requests overdue and due within 3 and 7 days (each count includes the nearer ones)."""
     query = (
-        select(BaseModel.name, ForgetRequest.due_at)
-        .join(BaseModel, ForgetRequest.base_model_id == BaseModel.id)
+        select(RegisteredModel.name, ForgetRequest.due_at)
+        .join(RegisteredModel, ForgetRequest.base_model_id == RegisteredModel.id)
         .where(ForgetRequest.status.in_(OPEN), requests.visible_to(key))
     )
     rows: dict[str, Deadlines] = {}

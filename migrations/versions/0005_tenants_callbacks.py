@@ -5,7 +5,7 @@ subject_request_id becomes unique per tenant instead of per key; callback_delive
 POST.
 
 Revision ID: 0005
-Revises: 0002
+Revises: 0004
 Create Date: 2026-11-23 07:20:19.006624
 """
 

@@ -135,7 +135,7 @@ def test_should_stop_cancels_between_steps(demo: Demo) -> None:
     result = unlearn(model, tokenizer, demo.forget, demo.retain, demo.holdout, config, should_stop=should_stop)
     assert result.stop_reason == "cancelled"
     assert result.steps == 2
-    assert len(result.items_after) == FORGET_ITEMS
+    assert result.items_after == [] and result.metrics_after == {}  # a stopped run is not evaluated: it hands on fast
 
 
 def testcommon_descent_step_does_not_ascend_either_objective(demo: Demo) -> None:

@@ -13,17 +13,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import psycopg
 import pytest
 import redis
-from sqlalchemy.engine import make_url
 
+from tests.service.databases import create_database, database_url, drop_database
 from tests.service.processes import start_api, start_worker, stop
 
 ADMIN_URL = os.environ.get("UNLEARND_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("UNLEARND_TEST_REDIS_URL", "redis://127.0.0.1:6379/11")
 DB_NAME = f"unlearnd_test_{uuid.uuid4().hex[:10]}"
-DATABASE_URL = make_url(ADMIN_URL).set(database=DB_NAME).render_as_string(hide_password=False)
+DATABASE_URL = database_url(ADMIN_URL, DB_NAME)
 # Set UNLEARND_TEST_DATA_DIR to keep the logs and artifacts of a run for inspection.
 KEEP_DATA_DIR = "UNLEARND_TEST_DATA_DIR" in os.environ
 DATA_DIR = Path(os.environ.get("UNLEARND_TEST_DATA_DIR", f"/tmp/{DB_NAME}"))
@@ -44,25 +43,22 @@ os.environ.update(
 )
 
 
-def _admin_dsn() -> str:
-    return make_url(ADMIN_URL).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
 @pytest.fixture(scope="session", autouse=True)
 def database() -> Iterator[str]:
-    with psycopg.connect(_admin_dsn(), autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{DB_NAME}"')
+    create_database(ADMIN_URL, DB_NAME)
     redis.Redis.from_url(REDIS_URL).flushdb()
     DATA_DIR.mkdir(parents=True, exist_ok=True)
     from app.migrate import upgrade
 
     upgrade(DATABASE_URL)
+    from app.callbacks.service import register_listeners
+
+    register_listeners()  # as the API and the worker do at startup, for tests that call services directly
     yield DATABASE_URL
     from app.core.db import get_engine
 
     get_engine().dispose()
-    with psycopg.connect(_admin_dsn(), autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{DB_NAME}" WITH (FORCE)')
+    drop_database(ADMIN_URL, DATABASE_URL)
     if not KEEP_DATA_DIR:
         shutil.rmtree(DATA_DIR, ignore_errors=True)
 

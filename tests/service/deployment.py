@@ -11,11 +11,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-import uuid
 from pathlib import Path
-
-import psycopg
-from sqlalchemy.engine import make_url
 
 from tests.service.processes import ROOT, free_port, start, start_api, stop, wait_until
 
@@ -36,7 +32,7 @@ class Deployment:
 
     def cli(self, *args: str) -> str:
         done = subprocess.run(
-            [sys.executable, "-m", "app.cli", *args],
+            [sys.executable, "-m", "worker.cli", *args],
             cwd=ROOT,
             env={**os.environ, **self.env},
             capture_output=True,
@@ -84,23 +80,6 @@ class Deployment:
     def close(self) -> None:
         for name in list(self.processes):
             self.stop(name)
-
-
-def create_database(admin_url: str) -> str:
-    """A fresh, empty PostgreSQL database on the server of `admin_url`; returns its URL."""
-    name = f"unlearnd_fault_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(_dsn(admin_url), autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-
-
-def drop_database(admin_url: str, url: str) -> None:
-    with psycopg.connect(_dsn(admin_url), autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{make_url(url).database}" WITH (FORCE)')
-
-
-def _dsn(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 class PrivateRedis:

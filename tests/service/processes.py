@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -36,7 +37,7 @@ def start(args: list[str], log: Path, env: dict[str, str] | None = None) -> subp
     """Run `unlearnd <args>` in the background with output to `log`."""
     handle = log.open("ab")
     return subprocess.Popen(
-        [sys.executable, "-m", "app.cli", *args],
+        [sys.executable, "-m", "worker.cli", *args],
         stdout=handle,
         stderr=subprocess.STDOUT,
         cwd=ROOT,
@@ -46,13 +47,19 @@ def start(args: list[str], log: Path, env: dict[str, str] | None = None) -> subp
 
 
 def stop(process: subprocess.Popen, timeout: float = 30) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
+    """SIGTERM, then SIGKILL after `timeout`: the SIGKILL to the whole process group when the process leads one (as
+    `start`'s do), so no child it started (uvicorn's worker processes) is left behind."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        if os.getpgid(process.pid) == process.pid:
+            os.killpg(process.pid, signal.SIGKILL)
+        else:
             process.kill()
-            process.wait()
+        process.wait()
 
 
 def start_api(log: Path, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:

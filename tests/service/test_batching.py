@@ -1,5 +1,5 @@
-"""The batching policy and its claims: when pending requests become a job, how big it is, one unfinished job per
-model, and two batchers never putting a request in two jobs (PostgreSQL row locks; SQLite's writer lock)."""
+"""Batching against the database: per-model overrides, one unfinished job per model, and two batchers never putting a
+request in two jobs (PostgreSQL row locks; SQLite's writer lock). The policy's decision itself: tests/unit."""
 
 from __future__ import annotations
 
@@ -13,47 +13,6 @@ from sqlalchemy import select, update
 from tests.service.conftest import auth, register_demo_model
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
-
-
-def pending(items: int, received: datetime, due: datetime | None = None):
-    from app.forget_requests.models import ForgetRequest
-
-    return ForgetRequest(
-        item_sha256s=[f"{i:064x}" for i in range(items)],
-        received_at=received,
-        due_at=due or received + timedelta(days=30),
-    )
-
-
-def policy(**overrides):
-    from app.jobs.batching import Policy
-
-    values = {"max_items": 10, "max_wait": timedelta(hours=1), "deadline_margin": timedelta(days=3), "schedule": None}
-    return Policy(**(values | overrides))
-
-
-@pytest.mark.parametrize(
-    ("rule", "requests", "overrides", "expected"),
-    [
-        ("nothing pending", [], {}, None),
-        ("below every threshold", [(3, 10)], {}, None),
-        ("items reach max_items", [(6, 10), (4, 5)], {}, "size"),
-        ("oldest waited max_wait", [(1, 61)], {}, "wait"),
-        ("a due date within the margin", [(1, 1, timedelta(days=2))], {}, "deadline"),
-        ("a scheduled time passed since the oldest arrived", [(1, 150)], {"schedule": "0 10 * * *"}, "schedule"),
-        ("the schedule replaces the wait", [(1, 90)], {"schedule": "0 10 * * *"}, None),
-        ("the deadline beats the schedule", [(1, 5, timedelta(hours=1))], {"schedule": "0 2 * * *"}, "deadline"),
-    ],
-)
-def test_policy_trigger(rule, requests, overrides, expected):
-    rows = [pending(r[0], NOW - timedelta(minutes=r[1]), NOW + r[2] if len(r) > 2 else None) for r in requests]
-    assert policy(**overrides).trigger(rows, NOW) == expected, rule
-
-
-def test_a_job_takes_whole_requests_oldest_first_up_to_max_items():
-    rows = [pending(4, NOW), pending(5, NOW), pending(2, NOW)]
-    assert policy(max_items=10).take(rows) == rows[:2]
-    assert policy(max_items=3).take(rows) == rows[:1]  # a larger request still goes, alone
 
 
 def test_batching_overrides_are_validated_and_stored(client, admin_key, tiny_demo_model):
@@ -165,7 +124,7 @@ def test_two_sqlite_batchers_serialise_on_the_writer_lock(tmp_path, settings):
     from sqlalchemy.orm import Session
 
     from app.auth.models import ApiKey
-    from app.base_models.models import BaseModel
+    from app.base_models.models import RegisteredModel
     from app.core.db import make_engine
     from app.forget_requests.models import ForgetRequest
     from app.jobs.batching import batch_pending
@@ -176,7 +135,7 @@ def test_two_sqlite_batchers_serialise_on_the_writer_lock(tmp_path, settings):
     engine = make_engine(url)
     with Session(engine) as session:
         key = ApiKey(name="k", key_hash="0" * 64, prefix="unl_", scopes=["admin"])
-        model = BaseModel(name="m", path="/m", tokenizer_path="/m", weights_sha256="0" * 64, retain_corpus="/r",
+        model = RegisteredModel(name="m", path="/m", tokenizer_path="/m", weights_sha256="0" * 64, retain_corpus="/r",
                           holdout_corpus="/h")  # fmt: skip
         session.add_all([key, model])
         session.flush()

@@ -93,7 +93,7 @@ def test_certificate_re_signed_by_another_key_under_the_right_key_id_fails(serve
 
 
 def test_cli_verifies_a_certificate_offline_and_rejects_a_tampered_one(served, client, tmp_path):
-    from app.cli import cli
+    from worker.cli import cli
 
     (tmp_path / "key.pem").write_text(client.get("/v1/keys/certificate-signing").json()["public_key_pem"])
     (tmp_path / "good.json").write_text(json.dumps(served["document"]))

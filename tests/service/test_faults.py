@@ -20,7 +20,8 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from tests.service.conftest import ADMIN_URL, auth, register_demo_model
-from tests.service.deployment import Deployment, PrivatePostgres, PrivateRedis, create_database, drop_database
+from tests.service.databases import create_database, drop_database
+from tests.service.deployment import Deployment, PrivatePostgres, PrivateRedis
 from tests.service.processes import candidates, wait_for_job, wait_until
 
 pytestmark = pytest.mark.integration
@@ -42,7 +43,7 @@ FAST = {
 def deployment(tmp_path: Path) -> Iterator[Deployment]:
     redis = PrivateRedis(tmp_path / "redis")
     redis.start()
-    database = create_database(ADMIN_URL)
+    database = create_database(ADMIN_URL, f"unlearnd_fault_{uuid.uuid4().hex[:10]}")
     deployment = Deployment(tmp_path, database, redis.url, **FAST)
     deployment.redis = redis
     deployment.cli("migrate")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import UTC, datetime
+from datetime import datetime
 
 from sqlalchemy import select
 
@@ -202,11 +202,3 @@ def test_each_state_change_is_audited_in_the_same_transaction(client, writer_key
         select(AuditEvent.action).where(AuditEvent.entity_id == stored["id"]).order_by(AuditEvent.id)
     ).all()
     assert actions == ["forget_request.received", "forget_request.cancelled"]
-
-
-def test_calendar_month_deadline_clamps_to_the_end_of_the_month():
-    from app.forget_requests.service import add_calendar_months
-
-    assert add_calendar_months(datetime(2027, 1, 31, 9, tzinfo=UTC), 1) == datetime(2027, 2, 28, 9, tzinfo=UTC)
-    assert add_calendar_months(datetime(2028, 1, 31, tzinfo=UTC), 1) == datetime(2028, 2, 29, tzinfo=UTC)
-    assert add_calendar_months(datetime(2027, 12, 15, tzinfo=UTC), 1) == datetime(2028, 1, 15, tzinfo=UTC)

@@ -16,7 +16,7 @@ from tests.service.conftest import REDIS_URL, auth, register_demo_model
 @pytest.fixture(autouse=True)
 def empty_gpu_queue():
     """Messages these tests send must not reach a worker of a later test module."""
-    from worker.celery_app import GPU_QUEUE
+    from app.core.broker import GPU_QUEUE
 
     yield
     redis.Redis.from_url(REDIS_URL).delete(GPU_QUEUE)
@@ -61,7 +61,7 @@ def job_and_request_states(job_id: int) -> tuple[str, list[str], int]:
 
 def claim(job_id: int, settings):
     from app.core.db import session_scope
-    from worker.job_runner import claim
+    from worker.job.claim import claim
 
     with session_scope() as session:
         inputs = claim(session, job_id, settings)
@@ -127,9 +127,10 @@ def test_a_job_waits_while_another_job_of_its_model_runs(queued_job, settings):
 
 
 def test_failed_attempts_back_off_exponentially_then_fail_the_job(queued_job, settings):
+    from app.adapters.store import artifact_store
     from app.core.db import session_scope, utcnow
     from app.jobs.lifecycle import retry_delay
-    from worker.job_runner import conclude
+    from worker.job.outcomes import Outcome, conclude
 
     assert [retry_delay(settings, n).total_seconds() for n in (1, 2, 3)] == [
         min(settings.job_retry_backoff_seconds * 2**k, settings.job_retry_backoff_max_seconds) for k in range(3)
@@ -138,7 +139,7 @@ def test_failed_attempts_back_off_exponentially_then_fail_the_job(queued_job, se
         set_job(queued_job, not_before=None)
         inputs = claim(queued_job, settings)
         assert inputs.attempt == attempt
-        conclude(inputs, settings, "error", f"OSError: attempt {attempt}")
+        conclude(inputs, settings, artifact_store(settings), Outcome.error, f"OSError: attempt {attempt}")
         status, requests, _ = job_and_request_states(queued_job)
         if attempt < settings.job_max_attempts:
             assert (status, requests) == ("queued", ["batched"])
@@ -153,9 +154,9 @@ def test_failed_attempts_back_off_exponentially_then_fail_the_job(queued_job, se
 
 
 def test_reconciliation_sends_queued_jobs_the_broker_lacks_once(queued_job, settings):
+    from app.core.broker import broker_job_ids
     from app.core.db import session_scope
     from app.jobs.reconcile import reconcile
-    from worker.celery_app import broker_job_ids
 
     assert queued_job not in broker_job_ids(settings, held_within_seconds=60)
     with session_scope() as session:
@@ -195,16 +196,3 @@ def test_reconciliation_recovers_a_lost_job_and_fails_it_after_its_attempts(queu
         ).all()
     assert job_and_request_states(queued_job)[:2] == ("failed", ["pending"])
     assert events[-1] == "job.failed" and "job.queued" in events
-
-
-def test_the_embedded_filesystem_broker_is_inspected_too(tmp_path):
-    from app.core.config import Settings
-    from worker.celery_app import GPU_QUEUE, RUN_JOB, broker_job_ids, make_celery
-
-    settings = Settings(data_dir=tmp_path, broker_url="filesystem://")
-    celery = make_celery(settings)
-    assert broker_job_ids(settings, held_within_seconds=60) == set()
-    for job_id in (5, 7):
-        celery.send_task(RUN_JOB, args=[job_id], queue=GPU_QUEUE)
-    celery.send_task("unlearnd.batch_pending", queue="default")  # not a job
-    assert broker_job_ids(settings, held_within_seconds=60) == {5, 7}

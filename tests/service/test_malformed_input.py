@@ -133,7 +133,7 @@ def test_brackets_inside_strings_do_not_count_towards_the_depth_limit(client, wr
 
 
 def test_thousands_of_invalid_items_get_a_short_answer(client, writer_key, registered_model):
-    from app.main import MAX_VALIDATION_ERRORS
+    from app.api.errors import MAX_VALIDATION_ERRORS
 
     body = valid(registered_model, [{"prompt": "no completion"}] * 5000)
     response = client.post("/v1/forget-requests", headers=auth(writer_key), json=body)

@@ -32,7 +32,7 @@ def test_api_process_never_imports_torch(database, tmp_path):
 def _cli_commands() -> set[str]:
     import typer.main
 
-    from app.cli import cli
+    from worker.cli import cli
 
     group = typer.main.get_command(cli)
     return set(group.commands)

@@ -14,7 +14,7 @@ from tests.service.conftest import auth
 
 @pytest.fixture(scope="module")
 def corpora(tiny_demo_model) -> dict[str, list[dict]]:
-    from worker.job_runner import read_items
+    from worker.job.claim import read_items
 
     return {
         "forget": read_items(str(tiny_demo_model.forget_candidates))[:2],
@@ -73,7 +73,7 @@ def job_inputs(registered_model, tiny_demo_model, corpora):
     """A job in `publishing` with its request, as the worker has it when it publishes."""
     from app.base_models.service import get_by_name
     from app.core.db import session_scope
-    from worker.job_runner import JobInputs
+    from worker.job.claim import JobInputs
 
     job_id, request_id = job_row(registered_model, corpora["forget"], "publishing")
     with session_scope() as session:
@@ -95,6 +95,16 @@ def parent_version(name: str) -> int | None:
         return latest_version(session, get_by_name(session, name))
 
 
+def write(session, store, inputs, parent: int | None, fused, metrics: dict) -> int:
+    """The version's files, manifest and row, as the worker publishes them, left for the caller to commit."""
+    from app.adapters.publishing import write_version
+    from worker.job.liveness import held_job
+    from worker.job.publishing import release_of
+
+    with release_of(inputs, fused, metrics, {}) as release:
+        return write_version(session, store, held_job(session, inputs), parent, release, "test")
+
+
 def visible_versions(client, admin_key, name: str) -> list[int]:
     return [v["version"] for v in client.get(f"/v1/models/{name}/adapters", headers=auth(admin_key)).json()]
 
@@ -106,7 +116,6 @@ def test_crash_between_files_and_manifest_then_crash_before_the_row_then_publish
     from app.adapters.store import artifact_store
     from app.core.db import session_scope
     from app.core.errors import NotFound
-    from worker.job_runner import publish
 
     inputs, store = job_inputs, artifact_store(settings)
     parent = parent_version(inputs.model_name)
@@ -120,21 +129,21 @@ def test_crash_between_files_and_manifest_then_crash_before_the_row_then_publish
     with monkeypatch.context() as patch:
         patch.setattr(type(store), "_put_manifest", crash)
         with session_scope() as session, pytest.raises(OSError):
-            publish(session, inputs, parent, fused, {"m": 1}, {}, settings)
+            write(session, store, inputs, parent, fused, {"m": 1})
     with pytest.raises(NotFound):
         store.read_manifest(inputs.model_name, version)
     assert visible_versions(client, admin_key, inputs.model_name) == before
 
     # Kill point 2: files and manifest written, the process dies before the row commits.
     with session_scope() as session:
-        publish(session, inputs, parent, fused, {"m": 2}, {}, settings)
+        write(session, store, inputs, parent, fused, {"m": 2})
         session.rollback()
     assert store.read_manifest(inputs.model_name, version)["metrics"] == {"m": 2}  # an orphan: no row refers to it
     assert visible_versions(client, admin_key, inputs.model_name) == before
 
     # The next publish quarantines the orphan and commits the version exactly once.
     with session_scope() as session:
-        published = publish(session, inputs, parent, fused, {"m": 3}, {}, settings)
+        published = write(session, store, inputs, parent, fused, {"m": 3})
         session.commit()
         rows = session.scalars(select(AdapterVersion).where(AdapterVersion.job_id == inputs.job_id)).all()
     assert published == version and len(rows) == 1
@@ -152,15 +161,15 @@ def test_published_files_downloaded_over_the_api_reproduce_the_recorded_item_met
     worker recorded."""
     from peft import PeftModel
 
+    from app.adapters.store import artifact_store
     from app.core.db import session_scope
     from worker.engine import load_causal_lm
     from worker.engine.data import encode_items
     from worker.engine.evaluation import score_items
-    from worker.job_runner import publish
 
     inputs = job_inputs
     with session_scope() as session:
-        version = publish(session, inputs, parent_version(inputs.model_name), fused, {}, {}, settings)
+        version = write(session, artifact_store(settings), inputs, parent_version(inputs.model_name), fused, {})
         session.commit()
     detail = client.get(f"/v1/models/{inputs.model_name}/adapters/{version}", headers=auth(admin_key)).json()
     for name, meta in detail["manifest"]["files"].items():

@@ -106,7 +106,7 @@ def test_held_forget_sets_leave_out_shredded_requests(model_name, settings):
     from app.forget_requests.models import ForgetRequest
     from app.jobs.models import UnlearningJob, job_key
     from app.retention.service import shred
-    from worker.job_runner import held_forget_sets
+    from worker.job.claim import held_forget_sets
 
     _, kept_job = finished_request(model_name, [{"text": "kept record"}])
     shredded_id, shredded_job = finished_request(model_name, [{"text": "shredded record"}])
@@ -125,7 +125,8 @@ def test_held_forget_sets_leave_out_shredded_requests(model_name, settings):
 
 def test_the_scheduler_shreds_due_requests_on_the_default_queue(settings):
     import worker.tasks  # noqa: F401  (registers the tasks, as a worker does at startup)
-    from worker.celery_app import DEFAULT_QUEUE, SHRED_DUE, celery_app
+    from app.core.broker import DEFAULT_QUEUE, SHRED_DUE
+    from worker.celery_app import celery_app
 
     entry = celery_app.conf.beat_schedule["shred-due-requests"]
     assert entry == {"task": SHRED_DUE, "schedule": settings.shred_interval_seconds}

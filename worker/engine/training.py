@@ -278,8 +278,20 @@ def unlearn(
             stop_reason = _stop_reason(point, target, ppl_limit)
         if checkpoint_every and step % checkpoint_every == 0 and stop_reason is None:
             checkpoint()
-    stop_reason = stop_reason or "step_budget"
     model.eval()
+    if stop_reason == "cancelled":  # the attempt is handed on from its checkpoint: an evaluation would only delay that
+        return UnlearnResult(
+            model,
+            stop_reason,
+            step,
+            curve,
+            target,
+            items_before,
+            items_after=[],
+            metrics_before=metrics_before,
+            metrics_after={},
+        )
+    stop_reason = stop_reason or "step_budget"
 
     after = _evaluation(model, sets, config)
     metrics_after = evaluate(after, _report_metrics(sets))

@@ -8,8 +8,8 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse
 
+from app.api.deps import SessionDep
 from app.audit.service import list_events
-from app.core.deps import SessionDep
 from app.ui.deps import Admin
 from app.ui.templating import page
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from app.core.deps import SessionDep, SettingsDep
+from app.api.deps import SessionDep, SettingsDep
 from app.core.errors import Forbidden, Unauthorized
 from app.ui import sessions
 from app.ui.deps import Fields, ReaderPost

@@ -9,10 +9,10 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 
 from app.adapters.service import version_of_job
+from app.api.deps import SessionDep
 from app.audit.service import history
 from app.base_models.service import get_by_name, list_models
 from app.core.db import MAX_INTEGER, utcnow
-from app.core.deps import SessionDep
 from app.jobs import service
 from app.jobs.lifecycle import FINAL
 from app.jobs.models import JobStatus

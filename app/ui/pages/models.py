@@ -8,10 +8,12 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from pydantic import ValidationError
 
 from app.adapters import service as adapters
+from app.adapters.publishing import make_current
+from app.adapters.store import artifact_store
+from app.api.deps import SessionDep, SettingsDep
 from app.base_models import service
 from app.base_models.schemas import BaseModelUpdate
 from app.core.db import MAX_INTEGER
-from app.core.deps import SessionDep, SettingsDep
 from app.core.errors import InvalidInput
 from app.jobs.service import start_unmerge
 from app.ui import charts
@@ -69,7 +71,9 @@ def move_alias(request: Request, name: str, form: AdminPost, session: SessionDep
                settings: SettingsDep) -> RedirectResponse:  # fmt: skip
     """PUT /v1/models/{name}/aliases/current."""
     version = _positive_int(form.fields, "version")
-    adapters.roll_current(session, settings, service.get_by_name(session, name), version, form.viewer.api_key.actor)
+    model = service.get_by_name(session, name)
+    adapters.move_current(session, model, version, form.viewer.api_key.actor)
+    make_current(session, artifact_store(settings), model, version)
     return RedirectResponse(_model_url(request, name, "alias", version=version), status_code=303)
 
 

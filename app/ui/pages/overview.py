@@ -5,10 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 
+from app.api.deps import SessionDep, SettingsDep
+from app.api.health import readiness_checks
+from app.core.broker import broker_queue_lengths
 from app.core.db import utcnow
-from app.core.deps import SessionDep, SettingsDep
-from app.core.metrics import broker_queue_lengths
-from app.health import readiness_checks
 from app.jobs import service as jobs
 from app.ui import overview
 from app.ui.deps import AdminPost, Reader

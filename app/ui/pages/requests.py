@@ -12,9 +12,9 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy import select
 
+from app.api.deps import SessionDep, SettingsDep
 from app.audit.service import history
 from app.base_models.service import list_models
-from app.core.deps import SessionDep, SettingsDep
 from app.core.errors import Conflict, InvalidInput
 from app.core.keys import load_public_key_pem
 from app.evidence import service as evidence

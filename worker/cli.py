@@ -43,7 +43,7 @@ def serve(
     import uvicorn
 
     level = get_settings().log_level
-    # uvicorn applies the config in every worker process; its access log is replaced by app.core.request_ids'.
+    # uvicorn applies the config in every worker process; its access log is replaced by app.api.request_ids'.
     uvicorn.run(
         "app.main:create_app",
         factory=True,
@@ -234,11 +234,11 @@ def up(port: int = 8000, demo_size: str = "demo") -> None:
     migrate()
     from sqlalchemy import select
 
-    from app.base_models.models import BaseModel
+    from app.base_models.models import RegisteredModel
     from app.core.db import session_scope
 
     with session_scope() as session:
-        registered = session.scalar(select(BaseModel.path).where(BaseModel.name == DEMO_MODEL_NAME))
+        registered = session.scalar(select(RegisteredModel.path).where(RegisteredModel.name == DEMO_MODEL_NAME))
     if registered is None or not Path(registered).is_dir():
         demo_model(out=None, size=demo_size, name=DEMO_MODEL_NAME, register=True, seed=0)
     from app.auth.service import create_key
@@ -250,7 +250,7 @@ def up(port: int = 8000, demo_size: str = "demo") -> None:
         f"\nadmin API key (shown once): {secret}\nAPI: http://127.0.0.1:{port}  docs: /docs\n"
         f"dashboard: http://127.0.0.1:{port}/ui/  (sign in with the admin key)\n"
     )
-    exe = [sys.executable, "-m", "app.cli"]
+    exe = [sys.executable, "-m", "worker.cli"]
     for stop_signal in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, or a process manager stopping us
         signal.signal(stop_signal, _stop_children)
     processes = [

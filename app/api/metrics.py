@@ -16,21 +16,30 @@ from sqlalchemy import ColumnElement, case, func, select
 from sqlalchemy.orm import Session
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.api.deps import SessionDep, SettingsDep, bearer
 from app.auth.service import authenticate, require_scope
-from app.base_models.models import BaseModel
+from app.base_models.models import RegisteredModel
+from app.core.broker import broker_queue_lengths
 from app.core.db import session_scope, utcnow
-from app.core.deps import SessionDep, SettingsDep, bearer
 from app.core.errors import error_responses
 from app.forget_requests.models import ForgetRequest, RequestStatus
 from app.jobs.models import JobStatus, UnlearningJob
-from worker.celery_app import DEFAULT_QUEUE, GPU_QUEUE, celery_app
 
 # Requests whose due date still matters: not yet completed, failed or cancelled.
 OPEN_STATUSES = (RequestStatus.pending, RequestStatus.batched, RequestStatus.running)
 FINISHED_JOB_STATUSES = (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
 JOB_DURATION_BUCKETS = (60.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 21600.0, 86400.0)
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-BROKER_TIMEOUT_SECONDS = 2.0
+
+
+def _counts(session: Session, entity: type[ForgetRequest] | type[UnlearningJob]) -> Iterator[tuple[str, str, int]]:
+    """(model name, status, rows) of a table whose rows belong to a model and have a status."""
+    query = (
+        select(RegisteredModel.name, entity.status, func.count())
+        .join(RegisteredModel, entity.base_model_id == RegisteredModel.id)
+        .group_by(RegisteredModel.name, entity.status)
+    )
+    yield from session.execute(query)
 
 
 def _job_seconds(session: Session) -> ColumnElement[float]:
@@ -38,17 +47,6 @@ def _job_seconds(session: Session) -> ColumnElement[float]:
     if session.get_bind().dialect.name == "sqlite":
         return (func.julianday(finished) - func.julianday(started)) * 86400.0
     return func.extract("epoch", finished - started)
-
-
-def broker_queue_lengths() -> dict[str, int] | None:
-    """Messages waiting in each queue of the broker, or None when it cannot be reached."""
-    try:
-        with celery_app.connection_for_read() as connection:
-            connection.ensure_connection(max_retries=1, timeout=BROKER_TIMEOUT_SECONDS)
-            channel = connection.default_channel
-            return {queue: channel.queue_declare(queue).message_count for queue in (GPU_QUEUE, DEFAULT_QUEUE)}
-    except Exception:  # any failure to reach it reads as "broker down", not as a failed scrape
-        return None
 
 
 class ServiceState(Collector):
@@ -65,12 +63,7 @@ class ServiceState(Collector):
         family = GaugeMetricFamily(
             "unlearnd_forget_requests", "Forget requests by model and status.", labels=["model", "status"]
         )
-        query = (
-            select(BaseModel.name, ForgetRequest.status, func.count())
-            .join(BaseModel, ForgetRequest.base_model_id == BaseModel.id)
-            .group_by(BaseModel.name, ForgetRequest.status)
-        )
-        for model, status, count in session.execute(query):
+        for model, status, count in _counts(session, ForgetRequest):
             family.add_metric([model, status], count)
         return family
 
@@ -79,12 +72,7 @@ class ServiceState(Collector):
         queued = GaugeMetricFamily(
             "unlearnd_queue_depth", "Jobs queued in the database, waiting for a worker, by model.", labels=["model"]
         )
-        by_status = (
-            select(BaseModel.name, UnlearningJob.status, func.count())
-            .join(BaseModel, UnlearningJob.base_model_id == BaseModel.id)
-            .group_by(BaseModel.name, UnlearningJob.status)
-        )
-        for model, status, count in session.execute(by_status):
+        for model, status, count in _counts(session, UnlearningJob):
             jobs.add_metric([model, status], count)
             if status == JobStatus.queued:
                 queued.add_metric([model], count)
@@ -101,14 +89,14 @@ class ServiceState(Collector):
         seconds = _job_seconds(session)
         buckets = [func.sum(case((seconds <= bound, 1), else_=0)) for bound in JOB_DURATION_BUCKETS]
         query = (
-            select(BaseModel.name, UnlearningJob.status, func.count(), func.sum(seconds), *buckets)
-            .join(BaseModel, UnlearningJob.base_model_id == BaseModel.id)
+            select(RegisteredModel.name, UnlearningJob.status, func.count(), func.sum(seconds), *buckets)
+            .join(RegisteredModel, UnlearningJob.base_model_id == RegisteredModel.id)
             .where(
                 UnlearningJob.status.in_(FINISHED_JOB_STATUSES),
                 UnlearningJob.started_at.is_not(None),
                 UnlearningJob.finished_at.is_not(None),
             )
-            .group_by(BaseModel.name, UnlearningJob.status)
+            .group_by(RegisteredModel.name, UnlearningJob.status)
         )
         for model, status, count, total, *cumulative in session.execute(query):
             counts = [(str(bound), int(n)) for bound, n in zip(JOB_DURATION_BUCKETS, cumulative, strict=True)]
@@ -129,8 +117,8 @@ class ServiceState(Collector):
         now = utcnow()
         per_model: dict[str, float] = {}
         query = (
-            select(ForgetRequest.id, BaseModel.name, ForgetRequest.status, ForgetRequest.due_at)
-            .join(BaseModel, ForgetRequest.base_model_id == BaseModel.id)
+            select(ForgetRequest.id, RegisteredModel.name, ForgetRequest.status, ForgetRequest.due_at)
+            .join(RegisteredModel, ForgetRequest.base_model_id == RegisteredModel.id)
             .where(ForgetRequest.status.in_(OPEN_STATUSES))
         )
         for request_id, model, status, due_at in session.execute(query):

@@ -1,0 +1,1 @@
+"""The HTTP layer over every domain: dependencies, middleware, error handlers, health and metrics routes."""
