@@ -15,6 +15,7 @@ from app.api.request_ids import RequestIds
 from app.api.routes import RouteTable
 from app.base_models.views import router as models_router
 from app.callbacks.service import register_listeners
+from app.callbacks.views import router as callback_secrets_router
 from app.core.config import get_settings
 from app.evidence.views import router as evidence_router
 from app.forget_requests.views import router as requests_router
@@ -38,6 +39,7 @@ def create_app() -> FastAPI:
         models_router,
         adapters_router,
         aliases_router,
+        callback_secrets_router,
     ):
         v1.include_router(router)
     app.include_router(v1)

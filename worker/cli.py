@@ -19,7 +19,9 @@ cli = typer.Typer(
     help="unlearnd: make a language model forget data on request.", no_args_is_help=True, pretty_exceptions_enable=False
 )
 keys = typer.Typer(help="Create, list, rotate and revoke API keys.", no_args_is_help=True)
+callback_secrets = typer.Typer(help="Per-tenant secrets that sign status callbacks.", no_args_is_help=True)
 cli.add_typer(keys, name="keys")
+cli.add_typer(callback_secrets, name="callback-secrets")
 
 DEMO_MODEL_NAME = "demo"
 
@@ -128,15 +130,15 @@ def verify_certificate(
     ] = None,
 ) -> None:
     """Check a forget certificate offline: exit 0 if its signature matches its payload and the key, 1 if not."""
-    import json
 
-    from app.core.keys import KeyConfigurationError, load_public_key_pem, signing_key
+    from app.core.canonical import strict_loads
+    from app.core.certificate_key import KeyConfigurationError, load_public_key_pem, signing_key
     from app.evidence.signing import InvalidCertificate, verify
 
     try:
         key = load_public_key_pem(public_key.read_bytes()) if public_key else signing_key(get_settings()).public_key()
-        payload = verify(json.loads(file.read_bytes()), key)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, InvalidCertificate, KeyConfigurationError) as error:
+        payload = verify(strict_loads(file.read_bytes()), key)
+    except (OSError, ValueError, InvalidCertificate, KeyConfigurationError) as error:
         typer.echo(f"INVALID: {error}", err=True)
         raise typer.Exit(code=1) from None
     versions = [payload["first_version"]["version"], *(v["version"] for v in payload["verified_by"])]
@@ -221,6 +223,22 @@ def keys_revoke(key_id: int) -> None:
         revoke_key(session, key_id)
         session.commit()
     typer.echo(f"revoked key {key_id}")
+
+
+@callback_secrets.command("rotate")
+def callback_secrets_rotate(
+    tenant: Annotated[str, typer.Option(help="The tenant whose callbacks the secret signs.")] = "default",
+) -> None:
+    """Create the tenant's callback secret, or replace it (the previous one keeps signing for
+    UNLEARND_KEY_ROTATION_GRACE_HOURS), and print it once."""
+    from app.callbacks.secrets import rotate
+    from app.core.db import session_scope
+
+    with session_scope() as session:
+        row, secret = rotate(session, tenant, get_settings(), actor="cli")
+        session.commit()
+        typer.echo(f"tenant={row.tenant} generation={row.generation}")
+        typer.echo(secret)
 
 
 def _stop_children(signum: int, frame: object) -> None:

@@ -13,7 +13,7 @@ class AdapterVersionOut(Schema):
     version: int
     parent_version: int | None
     job_id: int
-    artifact_uri: str
+    artifact_uri: str | None = Field(description="Where the store keeps the version; admin keys only.")
     created_at: datetime
     metrics: dict
 

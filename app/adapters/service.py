@@ -1,13 +1,18 @@
 from __future__ import annotations
 
+import uuid
+
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.adapters.models import AdapterVersion
 from app.adapters.schemas import AdapterVersionDetail, AdapterVersionOut
 from app.audit.service import record
+from app.auth.models import ApiKey
 from app.base_models.models import RegisteredModel
 from app.core.errors import NotFound
+from app.forget_requests.models import ForgetRequest
+from app.forget_requests.service import visible_to
 
 CURRENT = "current"
 
@@ -35,20 +40,35 @@ def version_of_job(session: Session, job_id: int) -> AdapterVersion | None:
     return session.scalar(select(AdapterVersion).where(AdapterVersion.job_id == job_id))
 
 
-def to_out(row: AdapterVersion) -> AdapterVersionOut:
+def to_out(row: AdapterVersion, key: ApiKey) -> AdapterVersionOut:
     return AdapterVersionOut(
         model=row.base_model.name,
         version=row.version,
         parent_version=row.parent_version,
         job_id=row.job_id,
-        artifact_uri=row.artifact_uri,
+        artifact_uri=row.artifact_uri if key.is_admin else None,
         created_at=row.created_at,
         metrics=row.metrics,
     )
 
 
-def to_detail(row: AdapterVersion) -> AdapterVersionDetail:
-    return AdapterVersionDetail(**to_out(row).model_dump(), manifest=row.manifest)
+def manifest_for(session: Session, row: AdapterVersion, key: ApiKey) -> dict:
+    """The version's manifest as `key` may see it: a tenant sees only its own requests among those the version
+    covers, and neither the base model's server path nor the engine settings."""
+    if key.is_admin:
+        return row.manifest
+    manifest = {name: value for name, value in row.manifest.items() if name != "engine"}
+    if "base_model" in manifest:
+        manifest["base_model"] = {name: v for name, v in manifest["base_model"].items() if name != "path"}
+    if "request_ids" in manifest:
+        ids = [uuid.UUID(request_id) for request_id in manifest["request_ids"]]
+        own = set(session.scalars(select(ForgetRequest.id).where(ForgetRequest.id.in_(ids), visible_to(key))))
+        manifest["request_ids"] = [str(request_id) for request_id in ids if request_id in own]
+    return manifest
+
+
+def to_detail(session: Session, row: AdapterVersion, key: ApiKey) -> AdapterVersionDetail:
+    return AdapterVersionDetail(**to_out(row, key).model_dump(), manifest=manifest_for(session, row, key))
 
 
 def move_current(session: Session, model: RegisteredModel, version: int, actor: str) -> AdapterVersion:

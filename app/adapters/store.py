@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -188,6 +189,10 @@ class LocalArtifactStore(ArtifactStore):
 
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
+        # Owner-only, so nothing below it (adapters, checkpoints) is readable by other users; group access stays.
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if (mode := stat.S_IMODE(self.root.stat().st_mode)) & 0o007:
+            self.root.chmod(mode & 0o770)
 
     def uri(self, model: str, version: int) -> str:
         return (self.root / model / str(version)).as_uri()

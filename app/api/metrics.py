@@ -1,7 +1,7 @@
 """Prometheus metrics: HTTP requests by route template and status (a middleware), and the service's state read from
-the database at scrape time: requests and jobs by model and status, job durations, queue depth, and the seconds left
-to each open request's legal due date, so an alert can fire before a deadline is missed. Labels hold model names,
-statuses and ids, never submitted text."""
+the database at scrape time: requests and jobs by model and status, job durations, queue depth, and open requests
+counted by how soon their legal due date comes (plus the soonest per model), so an alert can fire before a deadline
+is missed. Labels hold model names, statuses and bucket bounds: never a request's id or submitted text."""
 
 from __future__ import annotations
 
@@ -30,6 +30,8 @@ OPEN_STATUSES = (RequestStatus.pending, RequestStatus.batched, RequestStatus.run
 FINISHED_JOB_STATUSES = (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
 JOB_DURATION_BUCKETS = (60.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 21600.0, 86400.0)
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# Due-date buckets (seconds from now): overdue, within a day, 3 days, a week, two weeks, a month, later.
+DUE_BUCKETS = (0.0, 86400.0, 3 * 86400.0, 7 * 86400.0, 14 * 86400.0, 31 * 86400.0)
 
 
 def _counts(session: Session, entity: type[ForgetRequest] | type[UnlearningJob]) -> Iterator[tuple[str, str, int]]:
@@ -104,10 +106,11 @@ class ServiceState(Collector):
         return family
 
     def _due_dates(self, session: Session) -> Iterator[Metric]:
-        each = GaugeMetricFamily(
-            "unlearnd_request_seconds_until_due",
-            "Seconds until an open (pending, batched or running) request's legal due date; negative once overdue.",
-            labels=["request_id", "model", "status"],
+        due = GaugeMetricFamily(
+            "unlearnd_open_requests_due_within_seconds",
+            "Open (pending, batched or running) requests of a model whose legal due date is at most `le` seconds "
+            "away (cumulative; le=0: overdue).",
+            labels=["model", "le"],
         )
         soonest = GaugeMetricFamily(
             "unlearnd_min_seconds_until_due",
@@ -115,19 +118,20 @@ class ServiceState(Collector):
             labels=["model"],
         )
         now = utcnow()
-        per_model: dict[str, float] = {}
+        per_model: dict[str, list[float]] = {}
         query = (
-            select(ForgetRequest.id, RegisteredModel.name, ForgetRequest.status, ForgetRequest.due_at)
+            select(RegisteredModel.name, ForgetRequest.due_at)
             .join(RegisteredModel, ForgetRequest.base_model_id == RegisteredModel.id)
             .where(ForgetRequest.status.in_(OPEN_STATUSES))
         )
-        for request_id, model, status, due_at in session.execute(query):
-            left = (due_at - now).total_seconds()
-            each.add_metric([str(request_id), model, status], left)
-            per_model[model] = min(left, per_model.get(model, left))
-        for model, left in per_model.items():
-            soonest.add_metric([model], left)
-        yield each
+        for model, due_at in session.execute(query):
+            per_model.setdefault(model, []).append((due_at - now).total_seconds())
+        for model, lefts in per_model.items():
+            for bound in DUE_BUCKETS:
+                due.add_metric([model, str(bound)], sum(left <= bound for left in lefts))
+            due.add_metric([model, "+Inf"], len(lefts))
+            soonest.add_metric([model], min(lefts))
+        yield due
         yield soonest
 
     def _broker(self) -> Iterator[Metric]:
@@ -191,8 +195,9 @@ class HttpMetrics:
 
 
 async def scraper_allowed(request: Request, session: SessionDep, settings: SettingsDep) -> None:
-    """Open by Prometheus convention; with UNLEARND_METRICS_REQUIRE_KEY, a key with `requests:read` is needed."""
-    if settings.metrics_require_key:
+    """A key with `requests:read` is needed, except in the embedded mode (SQLite and the filesystem broker on one
+    machine) unless UNLEARND_METRICS_REQUIRE_KEY says otherwise."""
+    if settings.metrics_key_required:
         credentials = await bearer(request)
         require_scope(authenticate(session, credentials.credentials if credentials else None), "requests:read")
 
@@ -210,5 +215,6 @@ router = APIRouter(tags=["health"])
     },
 )
 def metrics(request: Request) -> Response:
-    """Prometheus metrics. 401/403 only when `UNLEARND_METRICS_REQUIRE_KEY` is set."""
+    """Prometheus metrics. A `requests:read` key is required (401/403) except in the embedded mode; set
+    `UNLEARND_METRICS_REQUIRE_KEY` to decide either way."""
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -24,14 +24,17 @@ class BaseModelUpdate(Schema):
     batching: BatchingPolicy = Field(description="Replaces the model's batching overrides ({} for the defaults).")
 
 
+ADMIN_ONLY = "Admin keys only (server paths and engine settings are not shown to tenants)."
+
+
 class BaseModelOut(Schema):
     name: str
-    path: str
-    tokenizer_path: str
+    path: str | None = Field(description=ADMIN_ONLY)
+    tokenizer_path: str | None = Field(description=ADMIN_ONLY)
     weights_sha256: str
-    retain_corpus: str
-    holdout_corpus: str
-    engine_config: dict
+    retain_corpus: str | None = Field(description=ADMIN_ONLY)
+    holdout_corpus: str | None = Field(description=ADMIN_ONLY)
+    engine_config: dict | None = Field(description=ADMIN_ONLY)
     batching: dict
     current_version: int | None
     created_at: datetime

@@ -8,8 +8,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.audit.service import record
+from app.auth.models import ApiKey
 from app.base_models.models import RegisteredModel
-from app.base_models.schemas import BaseModelCreate, BaseModelUpdate
+from app.base_models.schemas import BaseModelCreate, BaseModelOut, BaseModelUpdate
 from app.core.errors import Conflict, InvalidInput, NotFound
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -96,3 +97,12 @@ def update_batching(session: Session, model: RegisteredModel, data: BaseModelUpd
     record(session, actor, "base_model.batching_changed", "base_model", model.id, previous=previous,
            batching=model.batching)  # fmt: skip
     return model
+
+
+ADMIN_ONLY_FIELDS = ("path", "tokenizer_path", "retain_corpus", "holdout_corpus", "engine_config")
+
+
+def to_out(model: RegisteredModel, key: ApiKey) -> BaseModelOut:
+    """The model as `key` may see it: server paths and engine settings for admins only."""
+    out = BaseModelOut.model_validate(model)
+    return out if key.is_admin else out.model_copy(update=dict.fromkeys(ADMIN_ONLY_FIELDS))

@@ -12,7 +12,7 @@ router = APIRouter(prefix="/models", tags=["models"], responses=AUTHENTICATED)
 
 @router.get("")
 def list_models(key: ReaderKey, session: SessionDep) -> list[BaseModelOut]:
-    return [BaseModelOut.model_validate(m) for m in service.list_models(session)]
+    return [service.to_out(m, key) for m in service.list_models(session)]
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, responses={**JSON_BODY, **error_responses(409)})
@@ -20,7 +20,7 @@ def register_model(body: BaseModelCreate, key: AdminKey, session: SessionDep) ->
     """Register a Hugging Face causal LM from a local directory, with its retain and holdout corpora."""
     model = service.register(session, body, key.actor)
     session.commit()
-    return BaseModelOut.model_validate(model)
+    return service.to_out(model, key)
 
 
 @router.patch("/{name}", responses={**JSON_BODY, **error_responses(404)})
@@ -28,4 +28,4 @@ def update_model(name: str, body: BaseModelUpdate, key: AdminKey, session: Sessi
     """Change a model's batching policy overrides, e.g. `{"batching": {"schedule": "0 2 * * *"}}` for nightly jobs."""
     model = service.update_batching(session, service.get_by_name(session, name), body, key.actor)
     session.commit()
-    return BaseModelOut.model_validate(model)
+    return service.to_out(model, key)

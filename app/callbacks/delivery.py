@@ -15,6 +15,7 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from app.callbacks.models import CallbackDelivery
+from app.callbacks.secrets import signing_secrets
 from app.callbacks.targets import check_callback_url
 from app.core.config import Settings
 from app.core.db import session_scope, utcnow
@@ -25,10 +26,13 @@ log = logging.getLogger(__name__)
 SIGNATURE_HEADER = "X-Unlearnd-Signature"
 
 
-def sign(secret: str, timestamp: int, body: bytes) -> str:
-    """`t=<unix time>,v1=<hex HMAC-SHA256 of "<t>.<body>">`; receivers recompute it and refuse old timestamps."""
-    digest = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
-    return f"t={timestamp},v1={digest}"
+def sign(secrets: list[str], timestamp: int, url: str, body: bytes) -> str:
+    """`t=<unix time>,v2=<hex HMAC-SHA256 of "<t>.<url>.<body>">`, one v2 per signing secret of the tenant (two
+    while a rotated one is in its grace); receivers recompute it with their URL and refuse old timestamps. The URL
+    is signed, so a body signed for one receiver is refused by another."""
+    signed = f"{timestamp}.{url}.".encode() + body
+    digests = [hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest() for secret in secrets]
+    return ",".join([f"t={timestamp}", *(f"v2={digest}" for digest in digests)])
 
 
 def payload(delivery: CallbackDelivery) -> bytes:
@@ -66,8 +70,11 @@ def claim(session: Session, delivery_id: int, settings: Settings) -> bool:
     return claimed.rowcount == 1
 
 
-def post(url: str, body: bytes, settings: Settings) -> str | None:
-    """POST the body to the checked address of the URL's host; None when the receiver answered 2xx, else why not."""
+def post(url: str, body: bytes, secrets: list[str], settings: Settings) -> str | None:
+    """POST the signed body to the checked address of the URL's host; None when the receiver answered 2xx, else
+    why not."""
+    if not secrets:
+        return "refused: the request's tenant has no callback secret"
     try:
         target = check_callback_url(url, settings)
     except InvalidInput as exc:
@@ -76,7 +83,7 @@ def post(url: str, body: bytes, settings: Settings) -> str | None:
         "Content-Type": "application/json",
         "User-Agent": "unlearnd-callbacks",
         "Host": urlsplit(url).netloc,
-        SIGNATURE_HEADER: sign(settings.callback_secret, int(time.time()), body),
+        SIGNATURE_HEADER: sign(secrets, int(time.time()), url, body),
     }
     pinned = httpx.URL(url).copy_with(host=str(target.address))
     try:
@@ -97,7 +104,8 @@ def deliver(delivery_id: int, settings: Settings) -> float | None:
             return None
         delivery = session.get(CallbackDelivery, delivery_id)
         url, body = delivery.url, payload(delivery)
-    error = post(url, body, settings)
+        secrets = signing_secrets(session, delivery.request.tenant, settings)
+    error = post(url, body, secrets, settings)
     with session_scope() as session:
         delivery = session.get(CallbackDelivery, delivery_id)
         delay = None

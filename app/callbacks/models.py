@@ -31,3 +31,14 @@ class CallbackDelivery(Base):
     last_error: Mapped[str | None] = mapped_column(String(500))
 
     request: Mapped[ForgetRequest] = relationship()
+
+
+class CallbackSecret(Base):
+    """A tenant's callback secret, stored as its generation only (app/callbacks/secrets.py derives the secret)."""
+
+    __tablename__ = "callback_secrets"
+
+    tenant: Mapped[str] = mapped_column(String(100), primary_key=True)
+    generation: Mapped[int]
+    rotated_at: Mapped[datetime]
+    previous_valid_until: Mapped[datetime | None]  # the previous generation signs too until then

@@ -17,6 +17,12 @@ from app.core.errors import InvalidInput
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
+# IPv6 prefixes whose last 32 bits are an IPv4 address that traffic finally reaches: NAT64 (RFC 6052, RFC 8215) and
+# the deprecated IPv4-compatible form (RFC 4291); 6to4 (RFC 3056) and IPv4-mapped have properties of their own.
+_EMBEDDING_IPV4 = tuple(ipaddress.ip_network(n) for n in ("64:ff9b::/96", "64:ff9b:1::/48", "::/96"))
+# IETF protocol assignments (RFC 6890), e.g. 192.0.0.8, which Python's is_global counts as public.
+_NOT_PUBLIC = (ipaddress.ip_network("192.0.0.0/24"),)
+
 
 @dataclass(frozen=True)
 class CallbackTarget:
@@ -32,15 +38,27 @@ def host_allowed(host: str, patterns: list[str]) -> bool:
     return False
 
 
+def reached_address(address: IPAddress) -> IPAddress:
+    """The IPv4 address an IPv6 address carries and traffic to it ends at (mapped, 6to4, NAT64), else itself."""
+    if isinstance(address, ipaddress.IPv6Address) and not (address.is_loopback or address.is_unspecified):
+        if address.ipv4_mapped is not None:
+            return address.ipv4_mapped
+        if address.sixtofour is not None:
+            return address.sixtofour
+        if any(address in network for network in _EMBEDDING_IPV4):
+            return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return address
+
+
 def address_allowed(address: IPAddress, settings: Settings) -> bool:
     """Public unicast addresses; private, loopback, link-local, multicast or reserved ones only when allowed."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    address = reached_address(address)
     if settings.callback_allow_private:
         return True
     if any(address in ipaddress.ip_network(n, strict=False) for n in settings.callback_allowed_networks):
         return True
-    return address.is_global and not address.is_multicast and not address.is_reserved
+    public = address.is_global and not any(address in network for network in _NOT_PUBLIC)
+    return public and not address.is_multicast and not address.is_reserved
 
 
 def resolve(host: str, port: int) -> list[IPAddress]:
@@ -68,9 +86,11 @@ def check_callback_url(url: str, settings: Settings, field: str = "status_callba
         raise refuse("a callback URL must not carry credentials", "credentials")
     host = parts.hostname.rstrip(".")
     try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+        port = parts.port if parts.port is not None else (443 if parts.scheme == "https" else 80)
     except ValueError as exc:
         raise refuse("a callback URL has an invalid port", "port") from exc
+    if port == 0:
+        raise refuse("a callback URL has an invalid port", "port")
     if not host_allowed(host, settings.callback_allowed_hosts):
         raise refuse(f"callback host '{host}' is not on the allowlist", "host_not_allowed", host=host)
     try:

@@ -5,9 +5,14 @@ from __future__ import annotations
 import ipaddress
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The longest duration a setting or a model's policy takes (ten years): datetime arithmetic on it cannot overflow.
+MAX_DURATION_SECONDS = 10 * 366 * 86400
+_UNIT_SECONDS = {"_seconds": 1, "_hours": 3600, "_days": 86400}
 
 
 class Settings(BaseSettings):
@@ -16,6 +21,7 @@ class Settings(BaseSettings):
     # Storage. Defaults are embedded (no server needed); production sets URLs from the environment.
     data_dir: Path = Path("var")
     database_url: str = ""  # default: sqlite under data_dir
+    sqlite_busy_timeout_seconds: float = Field(default=5.0, gt=0, le=60)  # a locked write waits this long, then 503
     broker_url: str = "filesystem://"  # kombu's filesystem transport under data_dir; production: redis://...
     artifact_dir: Path | None = None  # local artifact store root; default: data_dir/artifacts
     # S3-compatible artifact store (MinIO, AWS S3, ...): used when s3_bucket is set.
@@ -60,11 +66,24 @@ class Settings(BaseSettings):
     worker_soft_shutdown_seconds: float = Field(default=60.0, ge=0)  # grace for a stopping worker's job
 
     # Legal deadline for a deletion request (GDPR Art. 12(3): one month from receipt).
-    deadline_months: int = Field(default=1, gt=0)
+    deadline_months: int = Field(default=1, gt=0, le=120)
 
-    # Keys. Unset: generated once under data_dir/keys (embedded default only; production sets them).
-    master_key: SecretStr | None = None  # base64 of 32 bytes: wraps each request's data key (AES-256-GCM)
-    master_key_file: Path | None = None  # a file holding that base64 value
+    # Key custody (app/core/key_store.py): epoch keys that wrap each request's data key, outside the database.
+    key_store: Literal["local", "kms"] = "local"
+    key_store_dir: Path | None = None  # local store: one file per epoch; default data_dir/keys
+    kms_region: str = "us-east-1"  # kms store: one AWS KMS key per epoch, under the aliases below
+    kms_endpoint_url: str | None = None
+    kms_access_key_id: str | None = None
+    kms_secret_access_key: SecretStr | None = None
+    kms_alias_prefix: str = Field(default="unlearnd", pattern=r"^[A-Za-z0-9/_-]{1,200}$")
+    kms_deletion_window_days: int = Field(default=7, ge=7, le=30)  # KMS's own bounds; the key is disabled at once
+    # Legacy (before key epochs): base64 of 32 bytes that wrapped data keys; read only to re-wrap them.
+    master_key: SecretStr | None = None
+    master_key_file: Path | None = None
+    # Item digest key: HMAC key of the item digests kept after shredding (base64 of 32 bytes; app/core/digest_key.py).
+    item_digest_key: SecretStr | None = None
+    item_digest_key_file: Path | None = None
+    # Certificate signing key. Unset: generated once under data_dir/keys (embedded default only; production sets it).
     signing_key: SecretStr | None = None  # PEM (PKCS#8) Ed25519 private key that signs forget certificates
     signing_key_file: Path | None = None  # a file holding that PEM
 
@@ -91,7 +110,7 @@ class Settings(BaseSettings):
     callback_sweep_interval_seconds: float = Field(default=60.0, gt=0)  # re-sends due deliveries a lost message left
 
     log_level: str = "INFO"
-    metrics_require_key: bool = False  # /metrics is open by Prometheus convention; true: a requests:read key
+    metrics_require_key: bool | None = None  # /metrics needs a requests:read key; unset: except in the embedded mode
 
     # The dashboard at /ui: a signed-in browser's session ends after this long, or after this long unused.
     dashboard_session_hours: float = Field(default=8.0, gt=0)
@@ -103,6 +122,14 @@ class Settings(BaseSettings):
         for network in networks:
             ipaddress.ip_network(network, strict=False)  # a typo fails at startup, not at the first callback
         return networks
+
+    @model_validator(mode="after")
+    def _bounded_durations(self) -> Settings:
+        for name in type(self).model_fields:
+            for suffix, unit in _UNIT_SECONDS.items():
+                if name.endswith(suffix) and getattr(self, name) * unit > MAX_DURATION_SECONDS:
+                    raise ValueError(f"{name} must be at most {MAX_DURATION_SECONDS // unit} (ten years)")
+        return self
 
     @model_validator(mode="after")
     def _embedded_defaults(self) -> Settings:
@@ -121,6 +148,15 @@ class Settings(BaseSettings):
     @property
     def beat_schedule_file(self) -> Path:
         return self.data_dir / "celerybeat-schedule"
+
+    @property
+    def embedded(self) -> bool:
+        """The `make run` mode: SQLite and the filesystem broker, everything on one machine."""
+        return self.database_url.startswith("sqlite") and self.broker_url.startswith("filesystem")
+
+    @property
+    def metrics_key_required(self) -> bool:
+        return not self.embedded if self.metrics_require_key is None else self.metrics_require_key
 
     @property
     def keys_dir(self) -> Path:

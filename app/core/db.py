@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -47,23 +48,40 @@ class Base(DeclarativeBase):
     type_annotation_map = {datetime: UTCDateTime, dict: JSON, list: JSON}
 
 
-def make_engine(url: str) -> Engine:
+def _private_sqlite_file(path: Path) -> None:
+    """Create the database file owner-only before SQLite does; its WAL and shared-memory files copy its mode."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    path.chmod(0o600)
+
+
+def make_engine(url: str, sqlite_busy_timeout: float = 5.0) -> Engine:
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+            _private_sqlite_file(Path(path))
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": sqlite_busy_timeout})
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection, _record) -> None:
-            # WAL lets the API read while a worker writes; foreign keys are off by default in SQLite.
+            # WAL lets the API read while a worker writes; foreign keys are off by default in SQLite; secure_delete
+            # overwrites deleted content (a shredded key or ciphertext) with zeros instead of leaving it in free pages.
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA secure_delete=ON")
             cursor.close()
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def erase_freed_pages(session: Session) -> None:
+    """SQLite: copy the WAL into the database file and truncate it, so the old pages it holds (a shredded request's
+    wrapped key) are gone from disk too. PostgreSQL reclaims dead tuples and recycles WAL itself."""
+    if session.get_bind().dialect.name == "sqlite":
+        with session.get_bind().connect() as connection:
+            connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
 
 
 def lock_for_write(session: Session) -> None:
@@ -76,7 +94,8 @@ def lock_for_write(session: Session) -> None:
 
 @lru_cache
 def get_engine() -> Engine:
-    return make_engine(get_settings().database_url)
+    settings = get_settings()
+    return make_engine(settings.database_url, settings.sqlite_busy_timeout_seconds)
 
 
 @lru_cache

@@ -2,9 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any
+import unicodedata
+from typing import Annotated, Any
 
 import pydantic
+
+# Characters that show nothing: control and format characters (zero-width spaces, joiners, BOM...) and separators.
+_INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})
+
+
+def _visible(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    if all(ch.isspace() or unicodedata.category(ch) in _INVISIBLE_CATEGORIES for ch in value):
+        raise ValueError("must not be blank (whitespace or invisible characters only)")
+    return value
+
+
+# A text a person submits: not empty, not only invisible characters, no NUL (which no database stores alike).
+VisibleText = Annotated[str, pydantic.Field(min_length=1), pydantic.AfterValidator(_visible)]
 
 
 class Schema(pydantic.BaseModel):

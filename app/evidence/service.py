@@ -8,17 +8,18 @@ from datetime import datetime
 from sqlalchemy.orm import Session
 
 from app.adapters.models import AdapterVersion
+from app.core.certificate_key import key_id, public_key_pem, signing_key
 from app.core.config import Settings
 from app.core.db import utcnow
 from app.core.errors import Conflict
-from app.core.keys import key_id, public_key_pem, signing_key
 from app.evidence.coverage import coverage
 from app.evidence.schemas import SignedCertificate, SigningKeyOut
 from app.evidence.signing import ALGORITHM, sign
 from app.forget_requests.models import ForgetRequest, RequestStatus
 from app.jobs.models import job_key
 
-FORMAT = "unlearnd.forget-certificate/1"
+FORMAT = "unlearnd.forget-certificate/2"
+ITEM_DIGEST = "HMAC-SHA256(item digest key, sha256(canonical JSON of the item))"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MIA_METRICS = ("mia_auc_loss", "mia_auc_min_k")
 
@@ -52,8 +53,13 @@ def certificate_payload(session: Session, request: ForgetRequest, now: datetime)
         "format": FORMAT,
         "request_id": str(request.id),
         "subject_request_id": request.subject_request_id,
-        "base_model": {"name": request.base_model.name, **first.manifest.get("base_model", {})},
-        "items": [{"sha256": sha256, "before": m["before"], "after": m["after"]} for sha256, m in items],
+        # the weights' digest identifies the model; its server path is not the tenant's business
+        "base_model": {
+            "name": request.base_model.name,
+            "weights_sha256": first.manifest.get("base_model", {}).get("weights_sha256"),
+        },
+        "item_digest": ITEM_DIGEST,
+        "items": [{"digest": digest, "before": m["before"], "after": m["after"]} for digest, m in items],
         "membership_inference": {
             side: {name: job_metrics.get(side, {}).get(name) for name in MIA_METRICS} for side in ("before", "after")
         },

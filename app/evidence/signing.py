@@ -8,8 +8,8 @@ import binascii
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from app.core.canonical import canonical_json
-from app.core.keys import key_id
+from app.core.canonical import canonical_json, finite
+from app.core.certificate_key import key_id
 
 ALGORITHM = "Ed25519"
 
@@ -19,7 +19,9 @@ class InvalidCertificate(ValueError):
 
 
 def sign(payload: dict, key: Ed25519PrivateKey) -> dict:
-    """The served document: the payload, and next to it the signature over its canonical JSON and the key's id."""
+    """The served document: the payload (non-finite numbers as null, as JSON serves them), and next to it the
+    signature over its canonical JSON and the key's id."""
+    payload = finite(payload)
     signature = key.sign(canonical_json(payload))
     return {
         "payload": payload,
@@ -39,6 +41,6 @@ def verify(document: dict, public_key: Ed25519PublicKey) -> dict:
         raise InvalidCertificate(f"signed by key {document['key_id']}, not by {key_id(public_key)}")
     try:
         public_key.verify(base64.b64decode(document["signature"], validate=True), canonical_json(document["payload"]))
-    except (InvalidSignature, binascii.Error, TypeError):
+    except (InvalidSignature, binascii.Error, TypeError, ValueError):
         raise InvalidCertificate("the signature does not match the payload") from None
     return document["payload"]

@@ -1,17 +1,20 @@
-"""A request's items at rest: sealed under a data key of the request's own (envelope encryption), with only their
-sha256s in clear. Shredding destroys the data key: the texts are gone, the hashes and metrics remain."""
+"""A request's items at rest: sealed under a data key of the request's own (envelope encryption), wrapped by an
+epoch key of the key store, with only their keyed digests in clear (stored in `item_sha256s`). Shredding destroys the
+data key: the texts are gone, the digests and metrics remain."""
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 
 from app.core.canonical import canonical_json
 from app.core.config import Settings
 from app.core.db import utcnow
-from app.core.envelope import Envelope, open_envelope, seal
+from app.core.digest_key import item_digest_key
+from app.core.envelope import Envelope, open_envelope, rewrap, seal
 from app.core.errors import Conflict
-from app.core.keys import master_key
+from app.core.key_store import key_store
 from app.forget_requests.models import ForgetRequest
 
 
@@ -19,25 +22,41 @@ class ItemsShredded(Conflict):
     """The request's data key was destroyed: its items can no longer be read."""
 
 
-def item_sha256(item: dict) -> str:
+def item_sha256(item: dict) -> bytes:
     """sha256 of the item's canonical JSON (its fields as submitted, without empty ones)."""
-    return hashlib.sha256(canonical_json(item)).hexdigest()
+    return hashlib.sha256(canonical_json(item)).digest()
+
+
+def item_digest(item: dict, settings: Settings) -> str:
+    """HMAC-SHA256 of the item's sha256 under the item digest key: without the key it confirms no guessed text."""
+    return hmac.new(item_digest_key(settings), item_sha256(item), hashlib.sha256).hexdigest()
 
 
 def seal_items(request: ForgetRequest, items: list[dict], settings: Settings) -> None:
-    """Encrypt `items` into the request (whose id must be set: it binds the ciphertext to this row)."""
-    envelope = seal(canonical_json(items), master_key(settings), request.id.bytes)
-    request.items_ciphertext, request.items_nonce = envelope.ciphertext, envelope.nonce
-    request.wrapped_key = envelope.wrapped_key
-    request.item_sha256s = [item_sha256(item) for item in items]
+    """Encrypt `items` into the request once its row is written: the id binds the ciphertext to the row, and a key
+    epoch advance waits for the writing transaction (app/retention/epochs.py)."""
+    _store(request, seal(canonical_json(items), key_store(settings), request.id.bytes))
 
 
 def open_items(request: ForgetRequest, settings: Settings) -> list[dict]:
     """The request's items in clear; only the worker needs them, to train and verify."""
     if request.shredded_at is not None or request.wrapped_key is None:
         raise ItemsShredded(f"the items of request {request.id} were shredded", {"request_id": str(request.id)})
-    envelope = Envelope(request.items_ciphertext, request.items_nonce, request.wrapped_key)
-    return json.loads(open_envelope(envelope, master_key(settings), request.id.bytes))
+    return json.loads(open_envelope(_envelope(request), key_store(settings), request.id.bytes))
+
+
+def rewrap_items(request: ForgetRequest, settings: Settings) -> None:
+    """Wrap the request's data key under the key store's current epoch (the ciphertext stays as it is)."""
+    _store(request, rewrap(_envelope(request), key_store(settings), request.id.bytes))
+
+
+def _envelope(request: ForgetRequest) -> Envelope:
+    return Envelope(request.items_ciphertext, request.items_nonce, request.wrapped_key, request.key_epoch)
+
+
+def _store(request: ForgetRequest, envelope: Envelope) -> None:
+    request.items_ciphertext, request.items_nonce = envelope.ciphertext, envelope.nonce
+    request.wrapped_key, request.key_epoch = envelope.wrapped_key, envelope.key_epoch
 
 
 def shred_items(request: ForgetRequest) -> None:

@@ -43,6 +43,7 @@ class ForgetRequest(Base):
     items_ciphertext: Mapped[bytes | None]
     items_nonce: Mapped[bytes | None]
     wrapped_key: Mapped[bytes | None]
+    key_epoch: Mapped[int] = mapped_column(default=0, server_default="0")  # the key store epoch that wraps it
     shredded_at: Mapped[datetime | None]
     body_sha256: Mapped[str] = mapped_column(String(64))
     status: Mapped[str] = mapped_column(String(20), default=RequestStatus.pending)

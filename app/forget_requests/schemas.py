@@ -2,22 +2,20 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Annotated
 
 from pydantic import Field, HttpUrl, model_validator
 
-from app.core.schemas import Schema
+from app.core.schemas import Schema, VisibleText
 
-NonBlank = Annotated[str, Field(min_length=1)]
 MAX_CALLBACK_URLS = 5
 
 
 class ForgetItem(Schema):
     """Either a free text, or a prompt with the completion the model must stop producing."""
 
-    text: NonBlank | None = None
-    prompt: NonBlank | None = None
-    completion: NonBlank | None = None
+    text: VisibleText | None = None
+    prompt: VisibleText | None = None
+    completion: VisibleText | None = None
 
     @model_validator(mode="after")
     def _one_shape(self) -> ForgetItem:
@@ -25,13 +23,11 @@ class ForgetItem(Schema):
             raise ValueError("an item is either {'text'} or {'prompt', 'completion'}")
         if self.text is None and (self.prompt is None or self.completion is None):
             raise ValueError("a prompt item needs both 'prompt' and 'completion'")
-        if any(v is not None and not v.strip() for v in (self.text, self.prompt, self.completion)):
-            raise ValueError("item fields must not be blank")
         return self
 
 
 class ForgetRequestCreate(Schema):
-    subject_request_id: str = Field(min_length=1, max_length=200, description="The client's idempotency key.")
+    subject_request_id: VisibleText = Field(max_length=200, description="The client's idempotency key.")
     model: str = Field(min_length=1, max_length=100, description="Name of the registered base model.")
     items: list[ForgetItem] = Field(min_length=1)
     status_callback_urls: list[HttpUrl] | None = Field(

@@ -14,12 +14,13 @@ from sqlalchemy.orm import Session
 from app.audit.service import record
 from app.auth.models import ApiKey
 from app.base_models.service import get_by_name
+from app.callbacks.secrets import require_secret
 from app.callbacks.targets import check_callback_urls
 from app.core.canonical import canonical_json
 from app.core.config import Settings
 from app.core.db import utcnow
 from app.core.errors import Conflict, InvalidInput, NotFound
-from app.forget_requests.items import seal_items
+from app.forget_requests.items import item_digest, seal_items
 from app.forget_requests.models import ForgetRequest, RequestStatus
 from app.forget_requests.schemas import ForgetRequestCreate, ForgetRequestOut
 
@@ -89,7 +90,10 @@ def submit(session: Session, key: ApiKey, data: ForgetRequestCreate, settings: S
     model = get_by_name(session, data.model)
     callback_urls = [str(url) for url in data.status_callback_urls or []]
     check_callback_urls(callback_urls, settings)
+    if callback_urls:
+        require_secret(session, key.tenant, settings)
     now = utcnow()
+    items = [item.model_dump(exclude_none=True) for item in data.items]
     request = ForgetRequest(
         id=uuid.uuid4(),
         api_key_id=key.id,
@@ -101,8 +105,8 @@ def submit(session: Session, key: ApiKey, data: ForgetRequestCreate, settings: S
         received_at=now,
         due_at=add_calendar_months(now, settings.deadline_months),
         status_callback_urls=callback_urls,
+        item_sha256s=[item_digest(item, settings) for item in items],
     )
-    seal_items(request, [item.model_dump(exclude_none=True) for item in data.items], settings)
     session.add(request)
     try:
         session.flush()
@@ -113,6 +117,8 @@ def submit(session: Session, key: ApiKey, data: ForgetRequestCreate, settings: S
         if original is None:
             raise
         return _replay(original, digest), False
+    # Sealed once the row is written: a key epoch advance then waits for this transaction (app/retention/epochs.py).
+    seal_items(request, items, settings)
     record(
         session,
         key.actor,
@@ -141,7 +147,10 @@ def encode_cursor(request: ForgetRequest) -> str:
 def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
     try:
         received, request_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        return datetime.fromisoformat(received), uuid.UUID(request_id)
+        received = datetime.fromisoformat(received)
+        if received.tzinfo is None:  # a forged cursor: every cursor this service writes carries its offset
+            raise ValueError("a cursor's time needs its UTC offset")
+        return received, uuid.UUID(request_id)
     except (ValueError, TypeError) as exc:
         raise InvalidInput("invalid cursor", {"field": "cursor"}) from exc
 

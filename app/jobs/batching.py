@@ -12,6 +12,7 @@ an unfinished one; its requests wait for the next.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -26,6 +27,8 @@ from app.core.db import lock_for_write, utcnow
 from app.forget_requests.models import ForgetRequest, RequestStatus
 from app.jobs.models import JobStatus, UnlearningJob
 from app.jobs.policy import BatchingPolicy, parse_cron
+
+log = logging.getLogger(__name__)
 
 DEFAULT_METHOD = "ihl"
 UNFINISHED = (JobStatus.queued, JobStatus.running, JobStatus.evaluating, JobStatus.publishing)
@@ -114,8 +117,12 @@ def batch_pending(
             .order_by(ForgetRequest.received_at, ForgetRequest.id)
             .with_for_update(skip_locked=True, of=ForgetRequest)
         ).all()
-        policy = Policy.for_model(model, settings)
-        trigger = "manual" if force and pending else policy.trigger(pending, now)
+        try:
+            policy = Policy.for_model(model, settings)
+            trigger = "manual" if force and pending else policy.trigger(pending, now)
+        except Exception:  # e.g. a policy stored before its bounds existed: this model waits, the others go on
+            log.exception("cannot apply the batching policy of model %s; its requests wait", model.name)
+            continue
         if trigger is not None:
             jobs.append(_form_job(session, model, policy.take(pending), trigger, settings, actor))
     return jobs

@@ -5,6 +5,7 @@ from __future__ import annotations
 from celery.schedules import crontab
 from pydantic import Field, field_validator
 
+from app.core.config import MAX_DURATION_SECONDS
 from app.core.schemas import Schema
 
 
@@ -19,8 +20,12 @@ class BatchingPolicy(Schema):
     """A model's overrides of the service's batching policy (unset fields keep the service's settings)."""
 
     max_items: int | None = Field(default=None, gt=0, le=100_000, description="Items that trigger a job, and cap it.")
-    max_wait_seconds: float | None = Field(default=None, ge=0, description="Oldest request's wait that triggers one.")
-    deadline_margin_seconds: float | None = Field(default=None, ge=0, description="Due-date margin that triggers one.")
+    max_wait_seconds: float | None = Field(
+        default=None, ge=0, le=MAX_DURATION_SECONDS, description="Oldest request's wait that triggers one."
+    )
+    deadline_margin_seconds: float | None = Field(
+        default=None, ge=0, le=MAX_DURATION_SECONDS, description="Due-date margin that triggers one."
+    )
     schedule: str | None = Field(
         default=None, max_length=100, description="Crontab (UTC), e.g. '0 2 * * *': batch at these times, not by wait."
     )

@@ -13,7 +13,7 @@ class JobOut(Schema):
     id: int
     model: str
     method: str
-    config: dict
+    config: dict | None = Field(description="The job's engine settings; admin keys only.")
     status: str
     progress: dict
     attempts: int

@@ -148,12 +148,12 @@ def list_jobs(
 
 
 def to_out(job: UnlearningJob, key: ApiKey) -> JobOut:
-    """The job as `key` may see it: other tenants' requests in the same batch are left out."""
+    """The job as `key` may see it: other tenants' requests in the same batch and the engine settings are left out."""
     return JobOut(
         id=job.id,
         model=job.base_model.name,
         method=job.method,
-        config=job.config,
+        config=job.config if key.is_admin else None,
         status=job.status,
         progress=job.progress,
         attempts=job.attempts,

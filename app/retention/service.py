@@ -1,5 +1,6 @@
 """Retention: when a request's texts are no longer needed, destroy its data key (crypto-shredding) and its jobs'
-scratch files. Hashes, metrics, audit events and the certificate remain.
+scratch files, then advance the key epoch so that copies of the database taken before cannot open them either.
+Hashes, metrics, audit events and the certificate remain.
 
 A completed request is kept until it is covered by a published version that the next `retention_versions`
 versions re-verified, and `retention_days` have passed since it completed, whichever is later: until then its texts
@@ -24,6 +25,7 @@ from app.evidence.coverage import coverage
 from app.forget_requests.items import shred_items
 from app.forget_requests.models import ForgetRequest, RequestStatus
 from app.jobs.models import job_requests, job_scratch
+from app.retention.epochs import advance_key_epoch, keys_awaiting_destruction
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +59,18 @@ def shred(session: Session, request: ForgetRequest, settings: Settings, actor: s
     return request
 
 
+def shred_now(session: Session, request: ForgetRequest, settings: Settings, actor: str) -> ForgetRequest:
+    """An admin's shred: the request's data key and scratch files now, then a key epoch advance (commits)."""
+    if request.shredded_at is None:
+        shred(session, request, settings, actor, reason="admin")
+        session.commit()
+        advance_key_epoch(session, settings)
+    return request
+
+
 def shred_due(session: Session, settings: Settings, actor: str, now: datetime | None = None) -> list[uuid.UUID]:
-    """Shred every request whose retention window is over, committing each one; returns their ids."""
+    """Shred every request whose retention window is over, committing each one, then advance the key epoch once (also
+    when an earlier advance was cut short); returns their ids."""
     now = now or utcnow()
     candidates = session.scalars(
         select(ForgetRequest).where(ForgetRequest.status.in_(SHREDDABLE), ForgetRequest.shredded_at.is_(None))
@@ -76,4 +88,6 @@ def shred_due(session: Session, settings: Settings, actor: str, now: datetime | 
             log.exception("could not shred request %s; retrying next run", request.id)
             continue
         shredded.append(request.id)
+    if shredded or keys_awaiting_destruction(settings):
+        advance_key_epoch(session, settings)
     return shredded

@@ -19,7 +19,6 @@ def shred_forget_request(
     request_id: uuid.UUID, key: AdminKey, session: SessionDep, settings: SettingsDep
 ) -> ForgetRequestOut:
     """Crypto-shred a finished request's items now instead of at the end of its retention window (audited): its
-    texts become unrecoverable; hashes, metrics and the certificate remain."""
-    request = service.shred(session, get_request(session, request_id, key), settings, key.actor, reason="admin")
-    session.commit()
-    return to_out(request)
+    texts become unrecoverable, in database copies and backups too (the key epoch advances); hashes, metrics and the
+    certificate remain."""
+    return to_out(service.shred_now(session, get_request(session, request_id, key), settings, key.actor))

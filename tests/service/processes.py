@@ -102,3 +102,24 @@ def wait_for_job(api: httpx.Client, job_id: int, timeout: float = JOB_TIMEOUT_SE
 def candidates(demo) -> list[dict]:
     """Records the demo model memorised, to ask it to forget."""
     return [json.loads(line) for line in demo.forget_candidates.read_text().splitlines()]
+
+
+def start_moto(log: Path) -> tuple[subprocess.Popen, str]:
+    """moto's standalone server (S3, KMS, ...) on a free local port, once it answers; returns it and its endpoint."""
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    handle = log.open("ab")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=handle, stderr=handle
+    )
+
+    def answers() -> bool:
+        try:
+            return httpx.get(f"{endpoint}/moto-api/", timeout=1).status_code < 500
+        except httpx.HTTPError:
+            return False
+
+    wait_until(lambda: answers() or server.poll() is not None, 20, "moto_server")
+    if server.poll() is not None:
+        raise RuntimeError(f"moto_server exited early:\n{log.read_text()[-3000:]}")
+    return server, endpoint

@@ -52,7 +52,7 @@ def finished_request(
     from app.base_models.service import get_by_name
     from app.core.config import get_settings
     from app.core.db import session_scope, utcnow
-    from app.forget_requests.items import seal_items
+    from app.forget_requests.items import item_digest, seal_items
     from app.forget_requests.models import ForgetRequest
     from app.jobs.models import UnlearningJob, job_key
 
@@ -70,6 +70,7 @@ def finished_request(
             due_at=completed_at + timedelta(days=30),
             completed_at=completed_at if status == "completed" else None,
             item_metrics=item_metrics(len(items)) if status == "completed" else None,
+            item_sha256s=[item_digest(item, get_settings()) for item in items],
         )
         seal_items(request, items, get_settings())
         job_status = "succeeded" if status == "completed" else "failed"
@@ -131,3 +132,17 @@ def published_versions(settings, model_name: str, folder: Path, count: int = 2) 
         model.current_version = count
         session.commit()
     store.set_alias(model_name, "current", count)
+
+
+def model_and_key(session):
+    """A writer key and a registered model's row (paths unchecked) in an empty database, committed."""
+    from app.auth.service import create_key
+    from app.base_models.models import RegisteredModel
+
+    key, _ = create_key(session, "writer", ["requests:write"], actor="test")
+    model = RegisteredModel(
+        name="m", path="p", tokenizer_path="p", weights_sha256="w", retain_corpus="r", holdout_corpus="h"
+    )
+    session.add(model)
+    session.commit()
+    return key, model

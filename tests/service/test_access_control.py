@@ -4,6 +4,7 @@ per-key rate limit."""
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
@@ -267,6 +268,59 @@ def test_registering_a_model_is_audited_with_the_admin_key(client, tiny_demo_mod
     )
     assert event.data["name"] == name
     assert event.actor == key_row(session, admin).actor
+
+
+def test_models_show_server_paths_and_engine_settings_to_admins_only(client, tenant_a, admin_key, registered_model):
+    tenant = {m["name"]: m for m in client.get("/v1/models", headers=auth(tenant_a["keys"]["requests:read"])).json()}
+    admin = {m["name"]: m for m in client.get("/v1/models", headers=auth(admin_key)).json()}
+    hidden = ("path", "tokenizer_path", "retain_corpus", "holdout_corpus", "engine_config")
+    assert all(tenant[registered_model][field] is None for field in hidden)
+    assert all(admin[registered_model][field] is not None for field in hidden)
+    assert tenant[registered_model]["weights_sha256"] == admin[registered_model]["weights_sha256"]
+    job = client.get(f"/v1/jobs/{tenant_a['job_id']}", headers=auth(tenant_a["keys"]["requests:read"])).json()
+    assert job["config"] is None
+    assert client.get(f"/v1/jobs/{tenant_a['job_id']}", headers=auth(admin_key)).json()["config"] == {}
+
+
+def test_an_adapter_manifest_shows_a_tenant_only_its_own_requests(
+    client, tenant_a, tenant_b_keys, admin_key, tiny_demo_model, session
+):
+    from app.adapters.models import AdapterVersion
+    from app.base_models.service import get_by_name
+    from app.jobs.models import UnlearningJob
+    from tests.service.conftest import register_demo_model
+
+    name = register_demo_model(client, tiny_demo_model, auth(admin_key))
+    body = {"subject_request_id": f"dsr-b-{uuid.uuid4().hex}", "model": name, "items": [{"text": "Bo in Bergen."}]}
+    theirs = client.post("/v1/forget-requests", headers=auth(tenant_b_keys["requests:write"]), json=body).json()["id"]
+    model = get_by_name(session, name)
+    job = UnlearningJob(base_model_id=model.id, method="ihl", config={}, status="succeeded")
+    session.add(job)
+    session.flush()
+    manifest = {
+        "request_ids": [tenant_a["request_id"], theirs],
+        "base_model": {"path": "/srv/models/secret-path", "weights_sha256": model.weights_sha256},
+        "engine": {"lr": 0.001},
+        "files": {},
+    }
+    session.add(AdapterVersion(base_model_id=model.id, version=1, job_id=job.id, artifact_uri="file:///srv/artifacts/x",
+                               manifest=manifest, metrics={}))  # fmt: skip
+    session.commit()
+
+    url = f"/v1/models/{name}/adapters/1"
+    for key, own in (
+        (tenant_b_keys["requests:read"], [theirs]),
+        (tenant_a["keys"]["requests:read"], [tenant_a["request_id"]]),
+    ):
+        detail = client.get(url, headers=auth(key)).json()
+        assert detail["manifest"]["request_ids"] == own
+        assert detail["artifact_uri"] is None and "engine" not in detail["manifest"]
+        assert "/srv/" not in json.dumps(detail)
+        downloaded = client.get(f"{url}/files/manifest.json", headers=auth(key))
+        assert downloaded.status_code == 200 and downloaded.json()["request_ids"] == own
+        assert "/srv/" not in downloaded.text
+        assert "/srv/" not in client.get(f"/v1/models/{name}/adapters", headers=auth(key)).text
+    assert client.get(url, headers=auth(admin_key)).json()["manifest"] == manifest
 
 
 # ---- the dashboard (/ui): the same scopes and tenant rules, with a session cookie instead of a bearer key ----------

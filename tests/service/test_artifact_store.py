@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import subprocess
-import sys
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,32 +20,17 @@ from app.adapters.store import (
 )
 from app.core.config import Settings
 from app.core.errors import Conflict, NotFound
-from tests.service.processes import free_port, stop, wait_until
+from tests.service.processes import start_moto, stop
 
 BUCKET = "unlearnd-artifacts"
 CREDENTIALS = {"s3_access_key_id": "testing", "s3_secret_access_key": "testing"}
 
 
-def _answers(url: str) -> bool:
-    try:
-        urllib.request.urlopen(url, timeout=1)
-    except OSError:
-        return False
-    return True
-
-
 @pytest.fixture(scope="module")
 def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real S3-protocol server (moto) on a free local port, with the artifact bucket created."""
-    port = free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    log = (tmp_path_factory.mktemp("moto") / "moto.log").open("wb")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log
-    )
+    server, endpoint = start_moto(tmp_path_factory.mktemp("moto") / "moto.log")
     try:
-        wait_until(lambda: _answers(f"{endpoint}/moto-api/") or server.poll() is not None, 20, "moto_server")
-        assert server.poll() is None, "moto_server exited early"
         boto3.client(
             "s3",
             endpoint_url=endpoint,
@@ -59,7 +41,6 @@ def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield endpoint
     finally:
         stop(server, timeout=5)
-        log.close()
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -162,3 +162,53 @@ def test_two_sqlite_batchers_serialise_on_the_writer_lock(tmp_path, settings):
     thread.join(timeout=30)
     assert not thread.is_alive() and second_result == []
     engine.dispose()
+
+
+@pytest.mark.parametrize("field", ["max_wait_seconds", "deadline_margin_seconds", "max_items"])
+def test_every_batching_override_is_bounded(client, admin_key, tiny_demo_model, field):
+    name = register_demo_model(client, tiny_demo_model, auth(admin_key))
+    for huge in (1e308, 10**12):
+        response = client.patch(f"/v1/models/{name}", headers=auth(admin_key), json={"batching": {field: huge}})
+        assert response.status_code == 422, response.text
+
+
+def test_one_models_unusable_policy_does_not_stop_batching_for_the_others(
+    client, writer_key, admin_key, tiny_demo_model, settings, session, caplog
+):
+    """A policy stored before overrides were bounded (1e308 seconds overflows timedelta) is logged and skipped."""
+    from app.base_models.models import RegisteredModel
+    from app.core.db import session_scope
+    from app.forget_requests.models import ForgetRequest
+    from app.jobs.batching import batch_pending
+
+    broken, healthy = (register_demo_model(client, tiny_demo_model, auth(admin_key)) for _ in range(2))
+    session.execute(
+        update(RegisteredModel).where(RegisteredModel.name == broken).values(batching={"max_wait_seconds": 1e308})
+    )
+    submit(client, writer_key, broken, 1)
+    urgent = submit(client, writer_key, healthy, 1)
+    soon = datetime.now(UTC) + timedelta(hours=1)
+    session.execute(update(ForgetRequest).where(ForgetRequest.id == uuid.UUID(urgent)).values(due_at=soon))
+    session.commit()
+
+    with session_scope() as scheduler:
+        jobs = batch_pending(scheduler, settings, "test")  # the scheduler's pass over every model
+        scheduler.commit()
+        formed = {(job.base_model.name, job.trigger) for job in jobs}
+    assert (healthy, "deadline") in formed and not any(name == broken for name, _ in formed)
+    assert broken in caplog.text
+
+    response = client.post("/v1/admin/batches", headers=auth(admin_key))
+    assert response.status_code == 201, response.text
+
+
+def test_every_duration_setting_is_bounded():
+    from pydantic import ValidationError
+
+    from app.core.config import Settings
+
+    durations = [name for name in Settings.model_fields if name.endswith(("_seconds", "_hours", "_days"))]
+    assert len(durations) > 15
+    for name in durations:
+        with pytest.raises(ValidationError, match="less than or equal|ten years"):
+            Settings(**{name: 10**12})

@@ -15,12 +15,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from sqlalchemy import insert
 
-from tests.service.conftest import DATA_DIR, auth
+from tests.service.conftest import DATA_DIR, auth, make_key
 from tests.service.processes import start, stop, wait_until
 
 pytestmark = pytest.mark.integration
 
-SECRET = "test-callback-secret"
 ITEM_TEXT = "Ana Kowalczyk lives at 12 Birch Lane."
 
 
@@ -70,6 +69,31 @@ def callback_worker(database):
     stop(process)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def default_secret(client, writer_key) -> str:
+    """The default tenant's callback secret, which every callback of this module is signed with."""
+    return rotate_secret(client, writer_key)["secret"]
+
+
+def rotate_secret(client, key: str) -> dict:
+    response = client.post("/v1/callback-secrets", headers=auth(key))
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def signatures(post: dict) -> tuple[int, list[str]]:
+    """The timestamp and the v2 signatures of a received callback."""
+    parts = [part.split("=", 1) for part in post["headers"]["X-Unlearnd-Signature"].split(",")]
+    return int(dict(parts)["t"]), [value for name, value in parts if name == "v2"]
+
+
+def verifies(post: dict, secret: str, url: str) -> bool:
+    """What a receiver does: recompute the HMAC of "<t>.<its own URL>.<raw body>" with its tenant's secret."""
+    timestamp, received = signatures(post)
+    expected = hmac.new(secret.encode(), f"{timestamp}.{url}.".encode() + post["raw"], hashlib.sha256).hexdigest()
+    return any(hmac.compare_digest(expected, signature) for signature in received)
+
+
 def submit(client, key: str, model: str, urls: list[str]):
     return client.post(
         "/v1/forget-requests",
@@ -95,7 +119,7 @@ def assert_refused(response, reason: str) -> None:
 
 
 def test_each_status_change_is_posted_signed_without_item_texts(
-    client, writer_key, registered_model, receiver, callback_worker
+    client, writer_key, registered_model, receiver, callback_worker, default_secret
 ):
     path = f"/hooks/{uuid.uuid4().hex}"
     submitted = submit(client, writer_key, registered_model, [receiver.base + path])
@@ -107,10 +131,8 @@ def test_each_status_change_is_posted_signed_without_item_texts(
     wait_until(lambda: statuses(receiver, path) == ["pending", "cancelled"], 60, "the 'cancelled' callback")
 
     for post in [p for p in receiver.posts if p["path"] == path]:
-        signature = dict(part.split("=", 1) for part in post["headers"]["X-Unlearnd-Signature"].split(","))
-        expected = hmac.new(SECRET.encode(), signature["t"].encode() + b"." + post["raw"], hashlib.sha256)
-        assert hmac.compare_digest(signature["v1"], expected.hexdigest())
-        assert abs(time.time() - int(signature["t"])) < 120
+        assert verifies(post, default_secret, receiver.base + path)
+        assert abs(time.time() - signatures(post)[0]) < 120
         assert ITEM_TEXT.encode() not in post["raw"]
         body = json.loads(post["raw"])
         assert body["request_id"] == request["id"]
@@ -181,6 +203,40 @@ def test_a_delivery_whose_message_was_lost_is_sent_by_the_sweep(
     wait_until(lambda: statuses(receiver, path) == ["batched"], 60, "the swept delivery")
 
 
+def test_each_tenant_verifies_only_its_own_callbacks_and_only_at_their_url(
+    client, registered_model, receiver, callback_worker, default_secret
+):
+    """A tenant holding its own secret cannot forge another tenant's callbacks: the secrets differ, and a signature
+    made for one URL does not verify at another."""
+    tenant = f"tenant-{uuid.uuid4().hex[:8]}"
+    writer = make_key(["requests:write", "requests:read"], "other-tenant", tenant=tenant)
+    assert_refused(submit(client, writer, registered_model, [receiver.base + "/x"]), "no_callback_secret")
+    secret = rotate_secret(client, writer)
+    assert (secret["tenant"], secret["generation"]) == (tenant, 1) and secret["secret"] != default_secret
+
+    path = f"/tenant/{uuid.uuid4().hex}"
+    assert submit(client, writer, registered_model, [receiver.base + path]).status_code == 201
+    wait_until(lambda: statuses(receiver, path) == ["pending"], 60, "the tenant's callback")
+    (post,) = [p for p in receiver.posts if p["path"] == path]
+    assert verifies(post, secret["secret"], receiver.base + path)
+    assert not verifies(post, default_secret, receiver.base + path)
+    assert not verifies(post, secret["secret"], receiver.base + "/another-receiver")
+
+
+def test_a_rotated_secret_keeps_signing_alongside_the_new_one_during_the_grace(
+    client, registered_model, receiver, callback_worker
+):
+    writer = make_key(["requests:write"], "rotating", tenant=f"tenant-{uuid.uuid4().hex[:8]}")
+    old, new = rotate_secret(client, writer), rotate_secret(client, writer)
+    assert new["generation"] == 2 and new["previous_valid_until"] is not None and new["secret"] != old["secret"]
+    path = f"/rotated/{uuid.uuid4().hex}"
+    assert submit(client, writer, registered_model, [receiver.base + path]).status_code == 201
+    wait_until(lambda: statuses(receiver, path) == ["pending"], 60, "the callback after a rotation")
+    (post,) = [p for p in receiver.posts if p["path"] == path]
+    assert len(signatures(post)[1]) == 2
+    assert verifies(post, new["secret"], receiver.base + path) and verifies(post, old["secret"], receiver.base + path)
+
+
 def test_loopback_is_refused_without_the_allowance(client, writer_key, registered_model, settings_client):
     refused = submit(
         settings_client(callback_allowed_networks=[]), writer_key, registered_model, ["http://127.0.0.1/x"]
@@ -191,13 +247,30 @@ def test_loopback_is_refused_without_the_allowance(client, writer_key, registere
 
 
 @pytest.mark.parametrize(
-    "url", ["http://10.0.0.5/hook", "http://192.168.1.1/hook", "http://169.254.169.254/latest", "http://[::1]/hook"]
+    "url",
+    [
+        "http://10.0.0.5/hook",
+        "http://192.168.1.1/hook",
+        "http://169.254.169.254/latest",
+        "http://[::1]/hook",
+        "http://192.0.0.8/hook",  # IETF protocol assignments
+        "http://[2002:a00:1::]/hook",  # 6to4 of 10.0.0.1
+        "http://[64:ff9b::a00:1]/hook",  # NAT64 of 10.0.0.1
+        "http://[64:ff9b:1::a00:1]/hook",  # local-use NAT64 of 10.0.0.1
+        "http://[::a00:1]/hook",  # IPv4-compatible 10.0.0.1
+        "http://[::ffff:a00:1]/hook",  # IPv4-mapped 10.0.0.1
+    ],
 )
 def test_private_and_link_local_addresses_are_refused(writer_key, registered_model, settings_client, url):
     assert_refused(
         submit(settings_client(callback_allowed_hosts=["*"]), writer_key, registered_model, [url]),
         "address_not_allowed",
     )
+
+
+def test_port_zero_is_refused(writer_key, registered_model, settings_client):
+    url = "http://93.184.216.34:0/hook"
+    assert_refused(submit(settings_client(callback_allowed_hosts=["*"]), writer_key, registered_model, [url]), "port")
 
 
 def test_a_host_off_the_allowlist_is_refused(client, writer_key, registered_model):
@@ -221,7 +294,7 @@ def test_the_target_is_checked_again_at_delivery_time(receiver):
     from app.core.config import Settings
 
     path = f"/recheck/{uuid.uuid4().hex}"
-    error = post(receiver.base + path, b"{}", Settings(callback_allowed_networks=[]))
+    error = post(receiver.base + path, b"{}", ["whsec_x"], Settings(callback_allowed_networks=[]))
     assert error is not None and error.startswith("refused")
     assert receiver.bodies(path) == []
 
@@ -240,3 +313,27 @@ def settings_client(database):
         return TestClient(app, raise_server_exceptions=False)
 
     return make
+
+
+def test_rotating_a_callback_secret_needs_a_writer_key_and_documents_it(client, reader_key):
+    assert client.post("/v1/callback-secrets").status_code == 401
+    assert client.post("/v1/callback-secrets", headers=auth(reader_key)).status_code == 403
+    documented = client.get("/openapi.json").json()["paths"]["/v1/callback-secrets"]["post"]["responses"]
+    assert {"201", "401", "403", "429"} <= set(documented)
+
+
+def test_the_cli_rotates_a_tenants_callback_secret_and_prints_it_once(session):
+    from typer.testing import CliRunner
+
+    from app.callbacks.models import CallbackSecret
+    from app.callbacks.secrets import derive
+    from app.core.config import get_settings
+    from worker.cli import cli
+
+    tenant = f"cli-{uuid.uuid4().hex[:8]}"
+    first = CliRunner().invoke(cli, ["callback-secrets", "rotate", "--tenant", tenant])
+    second = CliRunner().invoke(cli, ["callback-secrets", "rotate", "--tenant", tenant])
+    assert first.exit_code == second.exit_code == 0, first.output
+    assert first.output.splitlines()[-1] == derive(get_settings(), tenant, 1)
+    assert second.output.splitlines()[-1] == derive(get_settings(), tenant, 2) != derive(get_settings(), tenant, 1)
+    assert session.get(CallbackSecret, tenant).generation == 2

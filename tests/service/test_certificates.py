@@ -31,20 +31,21 @@ def served(client, reader_key, model_name) -> dict:
 
 @pytest.fixture(scope="module")
 def public_key(client):
-    from app.core.keys import load_public_key_pem
+    from app.core.certificate_key import load_public_key_pem
 
     response = client.get("/v1/keys/certificate-signing")
     assert response.status_code == 200
     return load_public_key_pem(response.json()["public_key_pem"].encode())
 
 
-def test_certificate_attests_hashes_metrics_versions_and_thresholds(served, model_name):
-    from app.forget_requests.items import item_sha256
+def test_certificate_attests_digests_metrics_versions_and_thresholds(served, model_name, settings):
+    from app.forget_requests.items import item_digest
 
     payload = served["document"]["payload"]
     assert payload["request_id"] == served["request_id"]
     assert payload["subject_request_id"].startswith("dsr-")
-    assert [item["sha256"] for item in payload["items"]] == [item_sha256(item) for item in ITEMS]
+    assert [item["digest"] for item in payload["items"]] == [item_digest(item, settings) for item in ITEMS]
+    assert payload["item_digest"].startswith("HMAC-SHA256")
     assert payload["items"][0]["before"]["ma"] == 0.95 and payload["items"][0]["after"]["ma"] == 0.1
     assert payload["items"][0]["after"]["min_k"] == -6.5
     assert payload["base_model"]["name"] == model_name and len(payload["base_model"]["weights_sha256"]) == 64
@@ -126,3 +127,41 @@ def test_certificate_of_a_request_not_completed_is_409(client, reader_key, model
 def test_certificate_needs_a_reader_key(client, served):
     response = client.get(f"/v1/forget-requests/{served['request_id']}/certificate")
     assert response.status_code == 401
+
+
+def test_cli_refuses_a_certificate_with_a_duplicate_key(served, client, tmp_path):
+    """A parser that keeps the first `payload` would show forged content next to a valid signature."""
+    from worker.cli import cli
+
+    (tmp_path / "key.pem").write_text(client.get("/v1/keys/certificate-signing").json()["public_key_pem"])
+    genuine = json.dumps(served["document"]["payload"])
+    forged = {**served["document"]["payload"], "subject_request_id": "forged"}
+    text = json.dumps(served["document"])[:-1] + ', "payload": ' + genuine + "}"
+    text = '{"payload": ' + json.dumps(forged) + ", " + text[1:]
+    (tmp_path / "twice.json").write_text(text)
+    assert json.loads(text)["payload"] == served["document"]["payload"]  # last one wins: the signature matches it
+    result = CliRunner().invoke(
+        cli, ["verify-certificate", str(tmp_path / "twice.json"), "--public-key", str(tmp_path / "key.pem")]
+    )
+    assert result.exit_code == 1
+    assert "INVALID" in result.output and "duplicate" in result.output
+
+
+def test_a_non_finite_metric_is_signed_as_it_is_served():
+    from app.core.certificate_key import key_id
+    from app.evidence.schemas import SignedCertificate
+    from app.evidence.signing import sign, verify
+
+    key = Ed25519PrivateKey.generate()
+    payload = {"items": [{"before": {"nll": float("nan")}, "after": {"nll": float("inf"), "ma": 0.5}}]}
+    served = json.loads(SignedCertificate(**sign(payload, key)).model_dump_json())
+    assert served["payload"]["items"][0] == {"before": {"nll": None}, "after": {"nll": None, "ma": 0.5}}
+    assert verify(served, key.public_key())["items"] == served["payload"]["items"]
+    assert served["key_id"] == key_id(key.public_key())
+
+
+def test_a_certificate_shows_no_server_path(served, model_name):
+    assert served["document"]["payload"]["base_model"] == {
+        "name": model_name,
+        "weights_sha256": served["document"]["payload"]["base_model"]["weights_sha256"],
+    }

@@ -93,8 +93,8 @@ def test_a_completed_requests_page_verifies_its_certificate_and_never_shows_its_
     assert all(item["text"] not in page for item in texts)
     download = admin.get(f"/ui/requests/{request_id}/certificate")
     assert download.headers["content-disposition"] == f'attachment; filename="certificate-{request_id}.json"'
+    from app.core.certificate_key import signing_key
     from app.core.config import get_settings
-    from app.core.keys import signing_key
     from app.evidence.signing import verify
 
     payload = verify(download.json(), signing_key(get_settings()).public_key())

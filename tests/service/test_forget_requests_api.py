@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import uuid
 from datetime import datetime
 
+import pytest
 from sqlalchemy import select
 
 from tests.service.conftest import auth
@@ -202,3 +204,36 @@ def test_each_state_change_is_audited_in_the_same_transaction(client, writer_key
         select(AuditEvent.action).where(AuditEvent.entity_id == stored["id"]).order_by(AuditEvent.id)
     ).all()
     assert actions == ["forget_request.received", "forget_request.cancelled"]
+
+
+@pytest.mark.parametrize("received", ["2026-01-01", "2026-01-01T00:00:00", "2026-01-01T00:00:00.123456"])
+def test_a_forged_cursor_without_a_time_zone_is_422(client, reader_key, received):
+    cursor = base64.urlsafe_b64encode(json.dumps([received, str(uuid.uuid4())]).encode()).decode().rstrip("=")
+    response = client.get("/v1/forget-requests", params={"cursor": cursor}, headers=auth(reader_key))
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["details"] == {"field": "cursor"}
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("text", "Ana\x00lives in Oslo."),  # SQLite would store it; PostgreSQL cannot
+        ("text", "\u200b\u200b"),  # zero-width spaces only
+        ("text", " \u2060\ufeff\t"),  # whitespace and invisible format characters only
+        ("subject_request_id", "   "),
+        ("subject_request_id", "\u200b"),
+        ("subject_request_id", "dsr\x00-1"),
+    ],
+)
+def test_nul_characters_and_invisible_only_values_are_refused_by_the_schema(field, value):
+    from pydantic import ValidationError
+
+    from app.forget_requests.schemas import ForgetRequestCreate
+
+    body = {"subject_request_id": "dsr-1", "model": "m", "items": [{"text": "Ana lives in Oslo."}]}
+    if field == "text":
+        body["items"] = [{"text": value}]
+    else:
+        body[field] = value
+    with pytest.raises(ValidationError):
+        ForgetRequestCreate.model_validate(body)

@@ -1,5 +1,6 @@
 """/metrics: Prometheus text with HTTP counts by route template, and the service's state read from PostgreSQL at
-scrape time (requests, jobs, durations, queue depth, time left to each open request's due date)."""
+scrape time (requests, jobs, durations, queue depth, open requests by due-date bucket); keyed outside the embedded
+mode."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import uuid
 from datetime import timedelta
 
 import pytest
-from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.service.conftest import auth, register_demo_model
@@ -15,8 +15,13 @@ from tests.service.conftest import auth, register_demo_model
 CANARY = "canary-5be2 never in a label"
 
 
-def scrape(client) -> dict[str, list]:
-    response = client.get("/metrics")
+@pytest.fixture(scope="module")
+def scraper(reader_key) -> dict[str, str]:
+    return auth(reader_key)
+
+
+def scrape(client, headers: dict[str, str]) -> dict[str, list]:
+    response = client.get("/metrics", headers=headers)
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith("text/plain")
     return {family.name: family.samples for family in text_string_to_metric_families(response.text)}
@@ -32,36 +37,38 @@ def own_model(client, admin_key, tiny_demo_model) -> str:
     return register_demo_model(client, tiny_demo_model, auth(admin_key))
 
 
-def test_http_requests_are_counted_by_route_template_and_status(client, reader_key):
-    before = scrape(client).get("unlearnd_http_requests", [])
+def test_http_requests_are_counted_by_route_template_and_status(client, reader_key, scraper):
+    before = scrape(client, scraper).get("unlearnd_http_requests", [])
     labels = {"method": "GET", "route": "/v1/jobs/{job_id}", "status": "404"}
     already = sum(s.value for s in before if s.name.endswith("_total") and labels.items() <= s.labels.items())
     for job_id in (999001, 999002):
         assert client.get(f"/v1/jobs/{job_id}", headers=auth(reader_key)).status_code == 404
-    after = scrape(client)["unlearnd_http_requests"]
+    after = scrape(client, scraper)["unlearnd_http_requests"]
     assert value(after, "unlearnd_http_requests_total", **labels) == already + 2
-    latency = scrape(client)["unlearnd_http_request_duration_seconds"]
+    latency = scrape(client, scraper)["unlearnd_http_request_duration_seconds"]
     assert value(latency, "unlearnd_http_request_duration_seconds_count", method="GET", route="/v1/jobs/{job_id}") >= 2
 
 
-def test_open_requests_report_their_time_to_the_due_date_without_any_text(client, writer_key, own_model):
+def test_open_requests_are_counted_by_due_date_without_their_ids_or_text(client, writer_key, own_model, scraper):
     ids = []
     for _ in range(2):
         body = {"subject_request_id": f"dsr-{uuid.uuid4().hex}", "model": own_model, "items": [{"text": CANARY}]}
         ids.append(client.post("/v1/forget-requests", headers=auth(writer_key), json=body).json()["id"])
     client.delete(f"/v1/forget-requests/{ids[1]}", headers=auth(writer_key))
-    response = client.get("/metrics")
+    response = client.get("/metrics", headers=scraper)
     assert CANARY not in response.text
+    assert not any(request_id in response.text for request_id in ids)
     metrics = {family.name: family.samples for family in text_string_to_metric_families(response.text)}
     assert value(metrics["unlearnd_forget_requests"], model=own_model, status="pending") == 1
     assert value(metrics["unlearnd_forget_requests"], model=own_model, status="cancelled") == 1
-    left = value(metrics["unlearnd_request_seconds_until_due"], request_id=ids[0])
+    due = metrics["unlearnd_open_requests_due_within_seconds"]
+    assert value(due, model=own_model, le=str(14 * 86400.0)) == 0  # due in about a month
+    assert value(due, model=own_model, le=str(31 * 86400.0)) == value(due, model=own_model, le="+Inf") == 1
+    left = value(metrics["unlearnd_min_seconds_until_due"], model=own_model)
     assert timedelta(days=27) < timedelta(seconds=left) <= timedelta(days=31)
-    assert not [s for s in metrics["unlearnd_request_seconds_until_due"] if s.labels["request_id"] == ids[1]]
-    assert value(metrics["unlearnd_min_seconds_until_due"], model=own_model) == pytest.approx(left, abs=5)
 
 
-def test_an_overdue_request_reads_negative(client, writer_key, own_model, session):
+def test_an_overdue_request_reads_negative(client, writer_key, own_model, session, scraper):
     from app.core.db import utcnow
     from app.forget_requests.models import ForgetRequest
 
@@ -69,12 +76,12 @@ def test_an_overdue_request_reads_negative(client, writer_key, own_model, sessio
     request_id = client.post("/v1/forget-requests", headers=auth(writer_key), json=body).json()["id"]
     session.get(ForgetRequest, uuid.UUID(request_id)).due_at = utcnow() - timedelta(hours=1)
     session.commit()
-    metrics = scrape(client)
-    assert value(metrics["unlearnd_request_seconds_until_due"], request_id=request_id) < -3500
+    metrics = scrape(client, scraper)
+    assert value(metrics["unlearnd_open_requests_due_within_seconds"], model=own_model, le="0.0") == 1
     assert value(metrics["unlearnd_min_seconds_until_due"], model=own_model) < -3500
 
 
-def test_jobs_by_state_duration_and_queue_depth(client, own_model, session):
+def test_jobs_by_state_duration_and_queue_depth(client, own_model, session, scraper):
     from app.base_models.service import get_by_name
     from app.core.db import utcnow
     from app.jobs.models import UnlearningJob
@@ -89,7 +96,7 @@ def test_jobs_by_state_duration_and_queue_depth(client, own_model, session):
         ]
     )
     session.commit()
-    metrics = scrape(client)
+    metrics = scrape(client, scraper)
     assert value(metrics["unlearnd_jobs"], model=own_model, status="queued") == 2
     assert value(metrics["unlearnd_jobs"], model=own_model, status="succeeded") == 1
     assert value(metrics["unlearnd_queue_depth"], model=own_model) == 2
@@ -101,7 +108,7 @@ def test_jobs_by_state_duration_and_queue_depth(client, own_model, session):
     assert value(durations, "unlearnd_job_duration_seconds_bucket", le="300.0", **labels) == 1
 
 
-def test_the_redis_broker_queues_are_measured(client):
+def test_the_redis_broker_queues_are_measured(client, scraper):
     import redis
 
     from app.core.config import get_settings
@@ -110,7 +117,7 @@ def test_the_redis_broker_queues_are_measured(client):
     broker.delete("default")
     broker.lpush("default", "not a task, only counted", "another")
     try:
-        metrics = scrape(client)
+        metrics = scrape(client, scraper)
     finally:
         broker.delete("default")
     assert value(metrics["unlearnd_broker_up"]) == 1
@@ -118,12 +125,13 @@ def test_the_redis_broker_queues_are_measured(client):
     assert value(metrics["unlearnd_broker_queue_messages"], queue="gpu") >= 0
 
 
-def test_a_key_can_be_required_to_scrape(settings, reader_key):
-    from app.core.config import get_settings
-    from app.main import create_app
+def test_a_key_is_required_to_scrape_except_in_the_embedded_mode(client, settings, reader_key, tmp_path):
+    from app.core.config import Settings
 
-    app = create_app()
-    app.dependency_overrides[get_settings] = lambda: settings.model_copy(update={"metrics_require_key": True})
-    with TestClient(app) as guarded:
-        assert guarded.get("/metrics").status_code == 401
-        assert guarded.get("/metrics", headers=auth(reader_key)).status_code == 200
+    assert client.get("/metrics").status_code == 401  # PostgreSQL and Redis: not embedded
+    assert client.get("/metrics", headers=auth(reader_key)).status_code == 200
+    embedded = Settings(data_dir=tmp_path, database_url="", broker_url="filesystem://")
+    assert embedded.embedded and not embedded.metrics_key_required
+    assert Settings(
+        data_dir=tmp_path, database_url="", broker_url="filesystem://", metrics_require_key=True
+    ).metrics_key_required

@@ -46,9 +46,9 @@ def test_canary_items_leave_no_trace_after_the_job_and_the_shredding(
     live_api, worker_process, admin_key, tiny_demo_model, settings
 ):
     from app.adapters.store import artifact_store
-    from app.core.keys import load_public_key_pem
+    from app.core.certificate_key import load_public_key_pem
     from app.evidence.signing import verify
-    from app.forget_requests.items import item_sha256
+    from app.forget_requests.items import item_digest
 
     canary = f"CANARY{uuid.uuid4().hex[:16]}"
     api = httpx.Client(base_url=live_api, headers=auth(admin_key), timeout=30)
@@ -83,7 +83,7 @@ def test_canary_items_leave_no_trace_after_the_job_and_the_shredding(
     assert shredded.json()["shredded_at"] is not None
 
     rows = database_rows_as_text()
-    assert request_id in rows and item_sha256(items[0]) in rows  # the dump is real: the request and its hashes
+    assert request_id in rows and item_digest(items[0], settings) in rows  # the dump is real: the request, digests
     assert canary not in rows and canary.encode().hex() not in rows
     logs = API_LOG.read_bytes() + WORKER_LOG.read_bytes()
     assert f"job {job['id']} published".encode() in logs  # the worker's log is the one that ran the job
@@ -95,5 +95,5 @@ def test_canary_items_leave_no_trace_after_the_job_and_the_shredding(
     certificate = api.get(f"/v1/forget-requests/{request_id}/certificate").json()
     key = api.get("/v1/keys/certificate-signing").json()
     payload = verify(certificate, load_public_key_pem(key["public_key_pem"].encode()))
-    assert [item["sha256"] for item in payload["items"]] == [item_sha256(item) for item in items]
+    assert [item["digest"] for item in payload["items"]] == [item_digest(item, settings) for item in items]
     assert payload["timestamps"]["shredded_at"] is not None and canary not in json.dumps(certificate)

@@ -46,7 +46,7 @@ def job_row(model_name: str, forget: list[dict], status: str) -> tuple[int, str]
     from app.base_models.service import get_by_name
     from app.core.config import get_settings
     from app.core.db import session_scope
-    from app.forget_requests.items import seal_items
+    from app.forget_requests.items import item_digest, seal_items
     from app.forget_requests.models import ForgetRequest
     from app.jobs.models import UnlearningJob
 
@@ -60,6 +60,7 @@ def job_row(model_name: str, forget: list[dict], status: str) -> tuple[int, str]
             body_sha256="0" * 64,
             status="running",
             due_at=model.created_at,
+            item_sha256s=[item_digest(item, get_settings()) for item in forget],
         )
         seal_items(request, forget, get_settings())
         job = UnlearningJob(base_model_id=model.id, method="ihl", config={}, status=status, requests=[request])

@@ -33,7 +33,7 @@ def test_shredding_destroys_the_data_key_and_the_jobs_scratch_but_keeps_the_evid
     from app.adapters.store import artifact_store
     from app.audit.models import AuditEvent
     from app.core.db import session_scope
-    from app.forget_requests.items import ItemsShredded, item_sha256, open_items
+    from app.forget_requests.items import ItemsShredded, item_digest, open_items
 
     request_id, job_id = finished_request(model_name, ITEMS)
     store = artifact_store(settings)
@@ -47,7 +47,7 @@ def test_shredding_destroys_the_data_key_and_the_jobs_scratch_but_keeps_the_evid
 
     request = load(request_id)
     assert (request.items_ciphertext, request.items_nonce, request.wrapped_key) == (None, None, None)
-    assert request.item_sha256s == [item_sha256(ITEMS[0])] and request.item_metrics
+    assert request.item_sha256s == [item_digest(ITEMS[0], settings)] and request.item_metrics
     with pytest.raises(ItemsShredded):
         open_items(request, settings)
     assert not store.scratch_get(f"job-{job_id}/checkpoint.pt", tmp_path / "back.pt")
@@ -59,7 +59,7 @@ def test_shredding_destroys_the_data_key_and_the_jobs_scratch_but_keeps_the_evid
     assert [(e.data["reason"], e.data["jobs"]) for e in events] == [("admin", [job_id])]
 
     certificate = client.get(f"/v1/forget-requests/{request_id}/certificate", headers=auth(reader_key)).json()
-    assert certificate["payload"]["items"][0]["sha256"] == item_sha256(ITEMS[0])
+    assert certificate["payload"]["items"][0]["digest"] == item_digest(ITEMS[0], settings)
     assert certificate["payload"]["timestamps"]["shredded_at"] == response.json()["shredded_at"].replace("Z", "+00:00")
     again = client.post(f"/v1/forget-requests/{request_id}/shred", headers=auth(admin_key))
     assert again.status_code == 200 and again.json()["shredded_at"] == response.json()["shredded_at"]

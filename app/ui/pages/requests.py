@@ -15,8 +15,8 @@ from sqlalchemy import select
 from app.api.deps import SessionDep, SettingsDep
 from app.audit.service import history
 from app.base_models.service import list_models
+from app.core.certificate_key import load_public_key_pem
 from app.core.errors import Conflict, InvalidInput
-from app.core.keys import load_public_key_pem
 from app.evidence import service as evidence
 from app.evidence.signing import InvalidCertificate, verify
 from app.forget_requests import service

@@ -1,7 +1,7 @@
 """dashboard sessions
 
-Revision ID: 0006
-Revises: 0005
+Revision ID: 0007
+Revises: 0006
 Create Date: 2026-12-01 17:00:00.000000
 
 The admin dashboard's server-side sessions: the SHA-256 of each browser's session token, the API key that signed in,
@@ -15,8 +15,8 @@ from alembic import op
 
 import app.core.db
 
-revision: str = "0006"
-down_revision: str | None = "0005"
+revision: str = "0007"
+down_revision: str | None = "0006"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
