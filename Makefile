@@ -17,9 +17,10 @@ venv: $(BIN)/.installed
 run: venv
 	$(BIN)/unlearnd up
 
-## Start PostgreSQL and Redis if they are down, lint, run every test.
+## Start PostgreSQL and Redis if they are down, install Chromium if missing, lint, run every test.
 test: venv
 	bash .ci/services
+	bash .ci/chromium
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest

@@ -24,6 +24,9 @@ from app.evidence.views import router as evidence_router
 from app.forget_requests.views import router as requests_router
 from app.jobs.views import router as jobs_router
 from app.retention.views import router as retention_router
+from app.ui.app import create_ui
+
+UI_PATH = "/ui"
 
 
 def create_app() -> FastAPI:
@@ -48,10 +51,16 @@ def create_app() -> FastAPI:
     app.include_router(v1)
     app.include_router(health)
     app.include_router(metrics_router)
+    app.mount(UI_PATH, create_ui())  # the dashboard: same process, same origin, same service functions
     app.state.metrics = Metrics()
     app.state.routes = RouteTable(app)
     add_error_handlers(app)
-    app.add_middleware(RequestBodyGuard, max_bytes=settings.max_body_bytes, max_depth=settings.max_json_depth)
+    app.add_middleware(
+        RequestBodyGuard,
+        max_bytes=settings.max_body_bytes,
+        max_depth=settings.max_json_depth,
+        form_prefix=f"{UI_PATH}/",
+    )
     app.add_middleware(HttpMetrics, metrics=app.state.metrics)
     app.add_middleware(RequestIds)  # outermost, so even a refused body is logged with its id
     return app

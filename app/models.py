@@ -9,6 +9,7 @@ from app.core.db import Base
 from app.deployments.models import Deployment, DeploymentTarget, MergedExport
 from app.forget_requests.models import ForgetRequest
 from app.jobs.models import UnlearningJob, job_requests
+from app.ui.models import DashboardSession
 
 __all__ = [
     "AdapterVersion",
@@ -17,6 +18,7 @@ __all__ = [
     "Base",
     "RegisteredModel",
     "CallbackDelivery",
+    "DashboardSession",
     "Deployment",
     "DeploymentTarget",
     "ForgetRequest",

@@ -38,6 +38,11 @@ def latest_version(session: Session, model: RegisteredModel) -> int | None:
     return session.scalar(select(func.max(AdapterVersion.version)).where(AdapterVersion.base_model_id == model.id))
 
 
+def version_of_job(session: Session, job_id: int) -> AdapterVersion | None:
+    """The version a job published, if it did."""
+    return session.scalar(select(AdapterVersion).where(AdapterVersion.job_id == job_id))
+
+
 def to_out(row: AdapterVersion, key: ApiKey) -> AdapterVersionOut:
     return AdapterVersionOut(
         model=row.base_model.name,

@@ -51,10 +51,13 @@ class _Refused(Exception):
 
 
 class RequestBodyGuard:
-    def __init__(self, app: ASGIApp, max_bytes: int, max_depth: int) -> None:
+    """`form_prefix`: paths whose bodies are HTML forms (the dashboard's), held to the size limit only."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, max_depth: int, form_prefix: str | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.max_depth = max_depth
+        self.form_prefix = form_prefix
 
     def _too_large(self) -> _Refused:
         return _Refused(
@@ -100,7 +103,7 @@ class RequestBodyGuard:
             return
         try:
             body = await self._read_body(scope, receive)
-            if body:
+            if body and not (self.form_prefix and scope["path"].startswith(self.form_prefix)):
                 await run_in_threadpool(self._check, scope, body)  # body work never blocks the event loop
         except _Refused as refused:
             await _send_error(send, refused)

@@ -175,6 +175,7 @@ class HttpMetrics:
             await self.app(scope, receive, send)
             return
         started, status = time.perf_counter(), 500
+        routes = scope["app"].state.routes  # read now: a mounted app (the dashboard) replaces scope["app"]
 
         async def observe(message: Message) -> None:
             nonlocal status
@@ -187,7 +188,7 @@ class HttpMetrics:
         finally:
             method = scope["method"] if scope["method"] in HTTP_METHODS else "other"
             # The template, never the raw path, which would make a label per id.
-            known = scope["app"].state.routes.match(scope["path"])
+            known = routes.match(scope["path"])
             route = known[0] if known else "unmatched"
             self.metrics.requests.labels(method, route, str(status)).inc()
             self.metrics.latency.labels(method, route).observe(time.perf_counter() - started)

@@ -7,7 +7,7 @@ import re
 from functools import cached_property
 
 from fastapi import FastAPI
-from starlette.routing import compile_path
+from starlette.routing import Mount, compile_path
 
 
 class RouteTable:
@@ -23,6 +23,9 @@ class RouteTable:
         for route in self.app.router.routes:
             if isinstance(getattr(route, "path", None), str) and getattr(route, "methods", None):
                 methods.setdefault(route.path, set()).update(route.methods)
+            if isinstance(route, Mount) and isinstance(route.app, FastAPI):  # a mounted app: the dashboard
+                for path, operations in route.app.openapi()["paths"].items():
+                    methods.setdefault(route.path + path, set()).update(method.upper() for method in operations)
         for allowed in methods.values():
             if "GET" in allowed:
                 allowed.add("HEAD")  # Starlette answers HEAD wherever it answers GET

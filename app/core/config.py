@@ -118,6 +118,10 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     metrics_require_key: bool | None = None  # /metrics needs a requests:read key; unset: except in the embedded mode
 
+    # The dashboard at /ui: a signed-in browser's session ends after this long, or after this long unused.
+    dashboard_session_hours: float = Field(default=8.0, gt=0)
+    dashboard_idle_minutes: float = Field(default=60.0, gt=0)
+
     @field_validator("callback_allowed_networks")
     @classmethod
     def _valid_networks(cls, networks: list[str]) -> list[str]:

@@ -156,10 +156,18 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
 
 
 def list_requests(
-    session: Session, key: ApiKey, status: str | None, model: str | None, cursor: str | None, limit: int
+    session: Session,
+    key: ApiKey,
+    status: str | None,
+    model: str | None,
+    cursor: str | None,
+    limit: int,
+    subject_request_id: str | None = None,
 ) -> tuple[list[ForgetRequest], str | None]:
     """Newest first, keyset-paginated on (received_at, id) so pages stay stable while requests arrive."""
     query = select(ForgetRequest).where(visible_to(key))
+    if subject_request_id is not None:
+        query = query.where(ForgetRequest.subject_request_id == subject_request_id)
     if status is not None:
         if status not in RequestStatus.__members__:
             raise InvalidInput(f"unknown status '{status}'", {"known": list(RequestStatus.__members__)})

@@ -47,8 +47,11 @@ def list_forget_requests(
     model: str | None = None,
     cursor: Annotated[str | None, Query(min_length=1, max_length=200)] = None,
     limit: Annotated[int, Query(ge=1)] = 50,
+    subject_request_id: Annotated[str | None, Query(min_length=1, max_length=200)] = None,
 ) -> ForgetRequestPage:
-    page, next_cursor = service.list_requests(session, key, status, model, cursor, min(limit, settings.max_page_size))
+    page, next_cursor = service.list_requests(
+        session, key, status, model, cursor, min(limit, settings.max_page_size), subject_request_id
+    )
     return ForgetRequestPage(items=[service.to_out(r) for r in page], next_cursor=next_cursor)
 
 

@@ -96,6 +96,16 @@ def create_unmerge(
     return job
 
 
+def start_unmerge(
+    session: Session, model: RegisteredModel, job_id: int, settings: Settings, actor: str
+) -> UnlearningJob:
+    """create_unmerge, committed, then sent to a worker."""
+    job = create_unmerge(session, model, job_id, settings, actor)
+    session.commit()
+    enqueue(session, [job.id])
+    return job
+
+
 def visible_to(key: ApiKey) -> ColumnElement[bool]:
     """A job is visible to a tenant that has a request in it; `admin` sees every job."""
     return true() if key.is_admin else UnlearningJob.requests.any(ForgetRequest.tenant == key.tenant)
@@ -109,9 +119,21 @@ def get(session: Session, job_id: int, key: ApiKey) -> UnlearningJob:
 
 
 def list_jobs(
-    session: Session, key: ApiKey, status: str | None, model: RegisteredModel | None, cursor: str | None, limit: int
+    session: Session,
+    key: ApiKey,
+    status: str | None,
+    model: RegisteredModel | None,
+    cursor: str | None,
+    limit: int,
+    tenant: str | None = None,
 ) -> tuple[list[UnlearningJob], str | None]:
+    """Newest first; `tenant` keeps the jobs holding one of that tenant's requests. Only `admin` may name another
+    tenant: a tenant's key learns nothing about who else shares its jobs."""
+    if tenant is not None and not key.is_admin and tenant != key.tenant:
+        return [], None
     query = select(UnlearningJob).where(visible_to(key))
+    if tenant is not None:
+        query = query.where(UnlearningJob.requests.any(ForgetRequest.tenant == tenant))
     if status is not None:
         query = query.where(UnlearningJob.status == status)
     if model is not None:

@@ -29,9 +29,12 @@ def list_jobs(
     model: str | None = None,
     cursor: Annotated[str | None, Query(min_length=1, max_length=18, pattern=r"^[0-9]+$")] = None,
     limit: Annotated[int, Query(ge=1)] = 50,
+    tenant: Annotated[str | None, Query(min_length=1, max_length=100)] = None,
 ) -> JobPage:
     base_model = get_by_name(session, model) if model else None
-    page, next_cursor = service.list_jobs(session, key, status, base_model, cursor, min(limit, settings.max_page_size))
+    page, next_cursor = service.list_jobs(
+        session, key, status, base_model, cursor, min(limit, settings.max_page_size), tenant
+    )
     return JobPage(items=[service.to_out(j, key) for j in page], next_cursor=next_cursor)
 
 
@@ -58,7 +61,5 @@ def batch_now(key: AdminKey, session: SessionDep, settings: SettingsDep, model: 
 def unmerge_job(name: str, body: UnmergeCreate, key: AdminKey, session: SessionDep, settings: SettingsDep) -> JobOut:
     """Take one job back out of the model's fused adapter (e.g. a request forgotten by mistake), without retraining:
     a new version is published from the other jobs' statistics, and the job's requests become `cancelled`."""
-    job = service.create_unmerge(session, get_by_name(session, name), body.job_id, settings, key.actor)
-    session.commit()
-    service.enqueue(session, [job.id])
+    job = service.start_unmerge(session, get_by_name(session, name), body.job_id, settings, key.actor)
     return service.to_out(job, key)

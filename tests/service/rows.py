@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import timedelta
+from pathlib import Path
 
 from sqlalchemy import select
 
@@ -99,6 +101,37 @@ def finished_request(
                 )  # fmt: skip
         session.commit()
         return str(request.id), job.id
+
+
+def published_versions(settings, model_name: str, folder: Path, count: int = 2) -> None:
+    """Versions 1..count of a model published through the real store (small stand-in files), their rows committed,
+    `current` on the last."""
+    from app.adapters.models import AdapterVersion
+    from app.adapters.store import artifact_store
+    from app.base_models.service import get_by_name
+    from app.core.db import session_scope
+    from app.jobs.models import UnlearningJob
+
+    store = artifact_store(settings)
+    with session_scope() as session:
+        model = get_by_name(session, model_name)
+        for version in range(1, count + 1):
+            source = folder / f"v{version}"
+            source.mkdir(parents=True)
+            (source / "adapter_config.json").write_text(json.dumps({"r": version}))
+            (source / "adapter_model.safetensors").write_bytes(bytes(range(256)) * version)
+            job = UnlearningJob(base_model_id=model.id, method="ihl", config={}, status="succeeded")
+            session.add(job)
+            session.flush()
+            manifest = store.publish(model_name, version, source, {"version": version})
+            session.add(
+                AdapterVersion(base_model_id=model.id, version=version, parent_version=version - 1 or None,
+                               job_id=job.id, artifact_uri=store.uri(model_name, version), manifest=manifest,
+                               metrics={})
+            )  # fmt: skip
+        model.current_version = count
+        session.commit()
+    store.set_alias(model_name, "current", count)
 
 
 def model_and_key(session):

@@ -5,6 +5,7 @@ per-key rate limit."""
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from datetime import timedelta
@@ -13,6 +14,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import select
+from starlette.routing import Mount
 
 from tests.service.conftest import REDIS_URL, auth, make_key
 
@@ -319,3 +321,127 @@ def test_an_adapter_manifest_shows_a_tenant_only_its_own_requests(
         assert "/srv/" not in downloaded.text
         assert "/srv/" not in client.get(f"/v1/models/{name}/adapters", headers=auth(key)).text
     assert client.get(url, headers=auth(admin_key)).json()["manifest"] == manifest
+
+
+# ---- the dashboard (/ui): the same scopes and tenant rules, with a session cookie instead of a bearer key ----------
+
+UI_PUBLIC = {("GET", "/sign-in"), ("POST", "/sign-in")}
+
+
+def dashboard(client) -> TestClient:
+    """A browser of its own (its own cookie jar) on the same app."""
+    return TestClient(client.app, raise_server_exceptions=False, follow_redirects=False)
+
+
+def signed_in(client, key: str) -> TestClient:
+    browser = dashboard(client)
+    form = browser.get("/ui/sign-in")
+    token = re.search(r'name="form_token" value="([^"]+)"', form.text).group(1)
+    answer = browser.post("/ui/sign-in", data={"form_token": token, "api_key": key, "next": "/ui/"})
+    assert answer.status_code == 303, answer.text
+    return browser
+
+
+def csrf_token(browser: TestClient) -> str:
+    return re.search(r'name="csrf_token" value="([^"]+)"', browser.get("/ui/").text).group(1)
+
+
+def ui_routes(client) -> list[tuple[str, str, set[str]]]:
+    """(method, path, scopes) of every dashboard route, read from the mounted app, so new pages are covered."""
+    from fastapi.routing import APIRoute
+
+    from app.ui.deps import viewer
+
+    def scopes(dependant) -> set[str]:
+        found = set(dependant.own_oauth_scopes or []) if dependant.call is viewer else set()
+        return found.union(*(scopes(d) for d in dependant.dependencies))
+
+    def routes(router_routes):
+        for route in router_routes:
+            if isinstance(route, APIRoute):
+                yield route
+            elif hasattr(route, "original_router"):  # an included router
+                yield from routes(route.original_router.routes)
+
+    (ui,) = [route.app for route in client.app.router.routes if isinstance(route, Mount)]
+    found = [(method, r.path, scopes(r.dependant)) for r in routes(ui.router.routes) for method in r.methods]
+    return [(method, path, scope) for method, path, scope in found if (method, path) not in UI_PUBLIC]
+
+
+def ui_call(browser: TestClient, method: str, path: str, csrf: str | None = None):
+    return browser.request(method, path, data={"csrf_token": csrf} if method == "POST" and csrf else None)
+
+
+def test_every_dashboard_route_needs_a_session_and_the_scope_its_api_route_needs(client, tenant_a, registered_model):
+    reader, writer = tenant_a["keys"]["requests:read"], tenant_a["keys"]["requests:write"]
+    anonymous, reading = dashboard(client), signed_in(client, reader)
+    refused = dashboard(client).post("/ui/sign-in", data={"api_key": writer})
+    assert refused.status_code == 403  # no sign-in form token
+    checked = 0
+    for method, path, scopes in ui_routes(client):
+        assert scopes, f"{method} /ui{path} declares no scope"
+        values = {"job_id": str(tenant_a["job_id"]), "request_id": tenant_a["request_id"], "name": registered_model}
+        url = "/ui" + fill(path, values)
+        away = ui_call(anonymous, method, url)
+        assert away.status_code == 303 and away.headers["location"].startswith("/ui/sign-in"), (method, url)
+        if "admin" in scopes:
+            answer = ui_call(reading, method, url, csrf_token(reading))
+            assert answer.status_code == 403, (method, url, answer.status_code)
+            assert "text/html" in answer.headers["content-type"] and "Not allowed" in answer.text
+        checked += 1
+    assert checked >= 14
+
+
+def test_a_write_only_key_cannot_sign_in(client, tenant_a):
+    browser = dashboard(client)
+    token = re.search(r'name="form_token" value="([^"]+)"', browser.get("/ui/sign-in").text).group(1)
+    answer = browser.post("/ui/sign-in", data={"form_token": token, "api_key": tenant_a["keys"]["requests:write"]})
+    assert answer.status_code == 403 and "needs requests:read" in answer.text
+    assert "unlearnd_session" not in answer.headers.get("set-cookie", "")
+
+
+def test_another_tenants_objects_are_missing_in_the_dashboard_too(client, tenant_a, tenant_b_keys, registered_model):
+    browser = signed_in(client, tenant_b_keys["requests:read"])
+    cross_tenant = 0
+    for method, path, scopes in ui_routes(client):
+        if "admin" in scopes or method != "GET":
+            continue
+        params = set(re.findall(r"{(\w+)}", path))
+        owned = {name: value for name, value in tenant_a["owned"].items() if name in params}
+        shared = {"name": registered_model}
+        if owned:
+            missing = {"job_id": "900000001", "request_id": str(uuid.uuid4())}
+            theirs = browser.get("/ui" + fill(path, {**shared, **owned}))
+            absent = browser.get("/ui" + fill(path, {**shared, **{n: missing[n] for n in owned}}))
+            assert theirs.status_code == absent.status_code == 404, path
+            message = re.search(r'error-message">([^<]*)', theirs.text).group(1)
+            for name, value in owned.items():
+                message = message.replace(value, missing[name])
+            assert message == re.search(r'error-message">([^<]*)', absent.text).group(1), path
+            cross_tenant += 1
+        else:
+            page = browser.get("/ui" + fill(path, shared), headers={"HX-Request": "true"} if "rows" in path else {})
+            assert page.status_code == 200, (path, page.status_code)
+            assert tenant_a["request_id"] not in page.text and tenant_a["subject"] not in page.text, path
+    search = browser.get("/ui/requests", params={"q": tenant_a["subject"]})
+    assert "No request matches" in search.text
+    assert cross_tenant >= 4
+
+
+def test_a_dashboard_form_without_its_csrf_token_is_refused(client, admin_key, tiny_demo_model):
+    from tests.service.conftest import register_demo_model
+
+    name = register_demo_model(client, tiny_demo_model, auth(admin_key))
+    browser = signed_in(client, admin_key)
+
+    def batching() -> dict:
+        return {m["name"]: m for m in client.get("/v1/models", headers=auth(admin_key)).json()}[name]["batching"]
+
+    for token in (None, "not-the-token"):
+        fields = {"max_items": "7"} | ({"csrf_token": token} if token else {})
+        answer = browser.post(f"/ui/models/{name}/batching", data=fields)
+        assert answer.status_code == 403 and "CSRF" in answer.text
+    assert batching() == {}
+    saved = browser.post(f"/ui/models/{name}/batching", data={"max_items": "7", "csrf_token": csrf_token(browser)})
+    assert saved.status_code == 303
+    assert batching() == {"max_items": 7}

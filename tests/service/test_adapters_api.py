@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import json
 
 import pytest
 from sqlalchemy import select
 
 from tests.service.conftest import auth, register_demo_model
+from tests.service.rows import published_versions
 
 
 @pytest.fixture(scope="module")
@@ -16,37 +16,7 @@ def two_versions(client, admin_key, tiny_demo_model, settings, tmp_path_factory)
     """Versions 1 and 2 of a model of this module's own, published through the real store with their rows
     committed."""
     registered_model = register_demo_model(client, tiny_demo_model, auth(admin_key))
-    from app.adapters.models import AdapterVersion
-    from app.adapters.store import artifact_store
-    from app.base_models.service import get_by_name
-    from app.core.db import session_scope
-    from app.jobs.models import UnlearningJob
-
-    store = artifact_store(settings)
-    with session_scope() as session:
-        model = get_by_name(session, registered_model)
-        for version in (1, 2):
-            source = tmp_path_factory.mktemp(f"v{version}")
-            (source / "adapter_config.json").write_text(json.dumps({"r": version}))
-            (source / "adapter_model.safetensors").write_bytes(bytes(range(256)) * version)
-            job = UnlearningJob(base_model_id=model.id, method="ihl", config={}, status="succeeded")
-            session.add(job)
-            session.flush()
-            manifest = store.publish(model.name, version, source, {"version": version})
-            session.add(
-                AdapterVersion(
-                    base_model_id=model.id,
-                    version=version,
-                    parent_version=version - 1 or None,
-                    job_id=job.id,
-                    artifact_uri=store.uri(model.name, version),
-                    manifest=manifest,
-                    metrics={},
-                )
-            )
-        model.current_version = 2
-        session.commit()
-    store.set_alias(registered_model, "current", 2)
+    published_versions(settings, registered_model, tmp_path_factory.mktemp("versions"))
     return registered_model
 
 
