@@ -28,8 +28,17 @@ from bench.tofu import TOFU_SIZES, load_tofu, tofu_model
 from worker.demo_model import build_demo_model
 from worker.demo_model.build import SIZES as DEMO_SIZES
 from worker.demo_model.corpus import Item
-from worker.engine import OBJECTIVES, AdapterSettings, UnlearnConfig, UnlearnResult, load_causal_lm, unlearn
-from worker.engine.adapters import INITS
+from worker.engine import (
+    OBJECTIVES,
+    AdapterSettings,
+    ItemSets,
+    UnlearnConfig,
+    UnlearnResult,
+    adapter_init,
+    load_causal_lm,
+    unlearn,
+)
+from worker.engine.inits import ADAPTER_INITS
 from worker.engine.training import MGDA_METHODS
 
 METHODS = ("ga", "gd", "ga_kl", "npo", "ihl", "uce", "eul", "ihl+mgda", "uce+mgda")
@@ -153,8 +162,8 @@ def parse_variants(methods: str, inits: str) -> list[Variant]:
                 f"unknown method {name!r}; known: {', '.join(OBJECTIVES)} and {'|'.join(MGDA_METHODS)}+mgda"
             )
         for init in inits.split(","):
-            if init.strip() not in INITS:
-                raise ValueError(f"unknown init {init!r}; known: {', '.join(INITS)}")
+            if init.strip() not in ADAPTER_INITS:
+                raise ValueError(f"unknown init {init!r}; known: {', '.join(ADAPTER_INITS)}")
             variants.append(Variant(method, bool(suffix), init.strip()))
     return variants
 
@@ -168,7 +177,8 @@ def run_variant(workload: Workload, variant: Variant, budget: dict, device: str,
     shared = {key: value for key, value in budget.items() if key not in ("rank", "alpha")}
     config = UnlearnConfig(method=variant.method, mgda=variant.mgda, adapter=adapter, **shared)
     started = time.monotonic()
-    result = unlearn(model, tokenizer, workload.forget, workload.retain, workload.holdout, config)
+    items = ItemSets(workload.forget, workload.retain, workload.holdout)
+    result = unlearn(model, tokenizer, items, config, adapter_init(variant.init))
     return Row(variant, result, time.monotonic() - started)
 
 
@@ -244,7 +254,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.methods", description=__doc__.split("\n")[0])
     p.add_argument("--work-dir", type=Path, default=Path("var/bench"), help="cache of built models and corpora")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated; mgda as ihl+mgda, uce+mgda, ga+mgda")
-    p.add_argument("--inits", default=",".join(INITS), help="LoRA initialisations to cross with every method")
+    p.add_argument("--inits", default=",".join(ADAPTER_INITS), help="LoRA initialisations to cross with every method")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=("auto", *DTYPES), default="auto", help="auto: bf16 on CUDA, else fp32")

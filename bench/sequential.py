@@ -32,7 +32,16 @@ from bench.methods import Workload, add_budget_arguments, demo_workload, tofu_wo
 from bench.tofu import ROWS_PER_AUTHOR, TOFU_SIZES
 from worker.demo_model.build import SIZES as DEMO_SIZES
 from worker.demo_model.corpus import Item
-from worker.engine import AdapterSettings, FusionSettings, UnlearnConfig, fuse_job, load_causal_lm, unlearn
+from worker.engine import (
+    AdapterSettings,
+    FusionSettings,
+    ItemSets,
+    UnlearnConfig,
+    adapter_init,
+    fuse_job,
+    load_causal_lm,
+    unlearn,
+)
 from worker.engine.data import encode_items
 from worker.engine.evaluation import Evaluation, evaluate
 from worker.engine.fusion import FusionState
@@ -111,6 +120,7 @@ class Bench:
 def run(bench: Bench, log: Log) -> list[Step]:
     """Every strategy after every request, requests outer."""
     w, config, tokenizer = bench.workload, bench.config, bench.tokenizer
+    init = adapter_init(config.adapter.init)
     state: FusionState | None = None
     sequential_model: PeftModel | None = None
     steps = []
@@ -119,9 +129,10 @@ def run(bench: Bench, log: Log) -> list[Step]:
 
         started = time.monotonic()
         model, _ = bench.load()
-        result = unlearn(model, tokenizer, batch, w.retain, w.holdout, config)
+        items = ItemSets(batch, w.retain, w.holdout, held)
+        result = unlearn(model, tokenizer, items, config, init)
         trained = time.monotonic()
-        fused = fuse_job(result, tokenizer, f"job-{t}", batch, w.retain, w.holdout, held, state, config, bench.fusion)
+        fused = fuse_job(result, tokenizer, f"job-{t}", items, state, config, bench.fusion)
         fused_at = time.monotonic()
         state = fused.state
         ranks = (min(fused.ranks.values()), max(fused.ranks.values()))
@@ -135,7 +146,7 @@ def run(bench: Bench, log: Log) -> list[Step]:
         started = time.monotonic()
         if sequential_model is None:
             sequential_model, _ = bench.load()
-        result = unlearn(sequential_model, tokenizer, batch, w.retain, w.holdout, config)
+        result = unlearn(sequential_model, tokenizer, ItemSets(batch, w.retain, w.holdout), config, init)
         sequential_model = result.model
         seconds = time.monotonic() - started
         step = Step("sequential", t, result.stop_reason, result.steps, seconds, 0.0, bench.measure(sequential_model, t))
@@ -145,7 +156,7 @@ def run(bench: Bench, log: Log) -> list[Step]:
         started = time.monotonic()
         model, _ = bench.load()
         union = [item for b in bench.batches[:t] for item in b]
-        result = unlearn(model, tokenizer, union, w.retain, w.holdout, config)
+        result = unlearn(model, tokenizer, ItemSets(union, w.retain, w.holdout), config, init)
         seconds = time.monotonic() - started
         step = Step("retrain", t, result.stop_reason, result.steps, seconds, 0.0, bench.measure(result.model, t))
         steps.append(step)

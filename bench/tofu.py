@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from worker.demo_model.build import train_tokenizer
+from worker.demo_model.build import llama_config, train_tokenizer
 from worker.demo_model.corpus import CorpusSplit, Item
 from worker.engine.data import encode_items, iterate_batches, select_rows, to_device
 from worker.engine.evaluation import score_items
@@ -127,19 +127,7 @@ def tofu_model(
     # the demo model's tokenizer recipe; holdout text joins the BPE training so unseen names split alike
     corpus = CorpusSplit(forget=split.forget, retain=split.retain, holdout=split.holdout, general=[])
     tokenizer = train_tokenizer(corpus, spec.vocab)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=spec.hidden,
-        num_hidden_layers=spec.layers,
-        num_attention_heads=spec.heads,
-        num_key_value_heads=spec.heads,
-        intermediate_size=spec.intermediate,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    config = llama_config(spec, tokenizer, max_positions=512)
     model = LlamaForCausalLM(config).to(device)
     started = time.monotonic()
     steps, verbatim = _fine_tune(model, tokenizer, split, spec, seed, log)

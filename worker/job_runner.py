@@ -1,14 +1,15 @@
 """Runs one job: the database is read and written by the parts in worker/job/, the engine does the math.
 
-A training job unlearns its batch with a fresh LoRA adapter, fuses that adapter with every earlier job's (EUL's
-closed-form fusion, from the running statistics in the previous version's fusion_state.safetensors), verifies the
-fused adapter on every forget set still held plus retain text, and publishes it as the model's next version.
+A training job unlearns its batch with a fresh LoRA adapter, fuses that adapter with every earlier job's (from the
+previous version's fusion_state.safetensors), verifies the fused adapter on every forget set still held plus retain
+text, and publishes it as the model's next version.
 An unmerge job takes one earlier job back out of the fused adapter and publishes the result the same way.
 """
 
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 from app.adapters.service import latest_version
 from app.adapters.store import ArtifactStore, artifact_store
@@ -16,7 +17,16 @@ from app.audit.service import record
 from app.core.config import Settings
 from app.core.db import session_scope
 from app.jobs.models import UNMERGE, JobStatus, UnlearningJob, job_key, job_scratch
-from worker.engine import FusionSettings, UnlearnConfig, fuse_job, load_causal_lm, unlearn, unmerge_job
+from worker.engine import (
+    FusionSettings,
+    ItemSets,
+    UnlearnConfig,
+    adapter_init,
+    fuse_job,
+    load_causal_lm,
+    unlearn,
+    unmerge_job,
+)
 from worker.job.checkpoints import load_checkpoint, save_checkpoint
 from worker.job.claim import ACTOR, JobInputs, claim
 from worker.job.liveness import JobMonitor, ProgressWriter, set_state
@@ -49,12 +59,19 @@ def train_and_fuse(inputs: JobInputs, settings: Settings, store: ArtifactStore, 
         with session_scope() as session:
             record(session, ACTOR, "job.resumed", "job", inputs.job_id, step=resume.step, attempt=inputs.attempt)
             session.commit()
+    items = ItemSets(inputs.forget_items, inputs.retain_items, inputs.holdout_items, inputs.held_sets)
     result = unlearn(
-        model, tokenizer, inputs.forget_items, inputs.retain_items, inputs.holdout_items, config,
-        on_progress=progress, should_stop=monitor.should_stop,
-        on_checkpoint=lambda checkpoint: save_checkpoint(store, inputs.job_id, checkpoint),
-        checkpoint_every=settings.checkpoint_every_steps, resume=resume,
-    )  # fmt: skip
+        model,
+        tokenizer,
+        items,
+        config,
+        adapter_init(config.adapter.init),
+        on_progress=progress,
+        should_stop=monitor.should_stop,
+        on_checkpoint=partial(save_checkpoint, store, inputs.job_id),
+        checkpoint_every=settings.checkpoint_every_steps,
+        resume=resume,
+    )
     monitor.check()
     if result.stop_reason != "target_reached":
         raise PublicationRefused(
@@ -63,18 +80,8 @@ def train_and_fuse(inputs: JobInputs, settings: Settings, store: ArtifactStore, 
         )
     set_state(inputs, JobStatus.evaluating, "fusing and verifying", stop_reason=result.stop_reason)
     parent = current_version(inputs)
-    fused = fuse_job(
-        result,
-        tokenizer,
-        job_key(inputs.job_id),
-        inputs.forget_items,
-        inputs.retain_items,
-        inputs.holdout_items,
-        inputs.held_sets,
-        previous_state(store, inputs.model_name, parent),
-        config,
-        fusion,
-    )
+    previous = previous_state(store, inputs.model_name, parent)
+    fused = fuse_job(result, tokenizer, job_key(inputs.job_id), items, previous, config, fusion)
     metrics = version_metrics(fused, config, fusion)
     metrics["job"] = {
         "before": result.metrics_before,
@@ -102,10 +109,8 @@ def unmerge(inputs: JobInputs, settings: Settings, store: ArtifactStore, monitor
     if state is None or job_key(removed) not in state.jobs:
         raise PublicationRefused(f"job {removed} is not part of the current fused adapter")
     model, tokenizer = load_causal_lm(inputs.model_path, inputs.tokenizer_path)
-    fused = unmerge_job(
-        model, tokenizer, state, job_key(removed), inputs.retain_items, inputs.holdout_items, inputs.held_sets, config,
-        fusion,
-    )  # fmt: skip
+    items = ItemSets((), inputs.retain_items, inputs.holdout_items, inputs.held_sets)
+    fused = unmerge_job(model, tokenizer, state, job_key(removed), items, config, fusion)
     metrics = version_metrics(fused, config, fusion)
     if not fused.verification.passed:
         raise PublicationRefused("the adapter without the unmerged job failed verification", metrics)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from worker.engine import UnlearnConfig, load_causal_lm, unlearn
+from worker.engine import ItemSets, UnlearnConfig, adapter_init, load_causal_lm, unlearn
 from worker.engine.adapters import trainable_state
 from worker.engine.training import Checkpoint
 
@@ -37,7 +37,8 @@ def corpora(tiny_demo_model) -> dict:
 
 def run(model_dir: Path, corpora: dict, config: UnlearnConfig, **kwargs):
     model, tokenizer = load_causal_lm(model_dir, device="cpu")
-    return unlearn(model, tokenizer, corpora["forget"], corpora["retain"], corpora["holdout"], config, **kwargs)
+    items = ItemSets(corpora["forget"], corpora["retain"], corpora["holdout"])
+    return unlearn(model, tokenizer, items, config, adapter_init(config.adapter.init), **kwargs)
 
 
 def without_times(curve: list[dict]) -> list[dict]:

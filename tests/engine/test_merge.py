@@ -11,7 +11,17 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from worker.engine import FusedVersion, FusionSettings, UnlearnConfig, fuse_job, load_causal_lm, unlearn, verify_model
+from worker.engine import (
+    FusedVersion,
+    FusionSettings,
+    ItemSets,
+    UnlearnConfig,
+    adapter_init,
+    fuse_job,
+    load_causal_lm,
+    unlearn,
+    verify_model,
+)
 from worker.engine.merge import base_dtype, merge_adapter, metric_drift, save_merged
 
 CONFIG = UnlearnConfig.from_dict(
@@ -39,9 +49,10 @@ def published(tiny_demo_model, tmp_path_factory) -> Published:
     forget = read_jsonl(tiny_demo_model.forget_candidates)[:2]
     retain, holdout = read_jsonl(tiny_demo_model.retain_corpus), read_jsonl(tiny_demo_model.holdout_corpus)
     base, tokenizer = load_causal_lm(tiny_demo_model.model_dir, device="cpu")
-    result = unlearn(base, tokenizer, forget, retain, holdout, CONFIG)
+    items = ItemSets(forget, retain, holdout)
+    result = unlearn(base, tokenizer, items, CONFIG, adapter_init(CONFIG.adapter.init))
     assert result.stop_reason == "target_reached"
-    version = fuse_job(result, tokenizer, JOB, forget, retain, holdout, {}, None, CONFIG, FusionSettings())
+    version = fuse_job(result, tokenizer, JOB, items, None, CONFIG, FusionSettings())
     assert version.verification.passed
     adapter_dir = tmp_path_factory.mktemp("adapter")
     version.save(adapter_dir)

@@ -13,7 +13,7 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from worker.engine import fila, load_causal_lm, unlearn
+from worker.engine import ItemSets, fila, load_causal_lm, unlearn
 from worker.engine.adapters import AdapterSettings, attach_adapter, lora_layers
 from worker.engine.data import chunks, encode_items
 from worker.engine.evaluation import ItemScores, score_items
@@ -83,12 +83,11 @@ def stream(tiny_demo_model) -> Stream:
     )
     held: dict[str, Items] = {}
     for job, items in stream.forget_sets.items():
-        result = unlearn(stream.base(), stream.tokenizer, items, stream.retain, stream.holdout, CONFIG)
+        job_items = ItemSets(items, stream.retain, stream.holdout, dict(held))
+        result = unlearn(stream.base(), stream.tokenizer, job_items, CONFIG)
         assert result.stop_reason == "target_reached"
         previous = stream.versions[-1].state if stream.versions else None
-        version = fuse_job(
-            result, stream.tokenizer, job, items, stream.retain, stream.holdout, held, previous, CONFIG, FUSION
-        )
+        version = fuse_job(result, stream.tokenizer, job, job_items, previous, CONFIG, FUSION)
         stream.versions.append(version)
         held[job] = items
     return stream
@@ -168,10 +167,8 @@ def test_unmerging_job_2_restores_its_likelihood_while_jobs_1_and_3_stay_forgott
     fused = stream.versions[-1]
     before = stream.score(stream.base(), "job-2").nll
     under_fused = stream.score(fused.model, "job-2").nll
-    unmerged = unmerge_job(
-        stream.base(), stream.tokenizer, fused.state, "job-2", stream.retain, stream.holdout, stream.forget_sets,
-        CONFIG, FUSION,
-    )  # fmt: skip
+    items = ItemSets((), stream.retain, stream.holdout, stream.forget_sets)
+    unmerged = unmerge_job(stream.base(), stream.tokenizer, fused.state, "job-2", items, CONFIG, FUSION)
     assert list(unmerged.state.jobs) == ["job-1", "job-3"] and list(fused.state.jobs) == list(JOBS)
     assert unmerged.verification.passed and list(unmerged.verification.sets) == ["job-1", "job-3"]
     after = stream.score(unmerged.model, "job-2").nll
@@ -181,9 +178,8 @@ def test_unmerging_job_2_restores_its_likelihood_while_jobs_1_and_3_stay_forgott
 def test_unmerging_the_only_job_is_refused(stream: Stream) -> None:
     first = stream.versions[0]
     with pytest.raises(ValueError, match="only fused job"):
-        unmerge_job(
-            stream.base(), stream.tokenizer, first.state, "job-1", stream.retain, stream.holdout, {}, CONFIG, FUSION
-        )
+        items = ItemSets((), stream.retain, stream.holdout)
+        unmerge_job(stream.base(), stream.tokenizer, first.state, "job-1", items, CONFIG, FUSION)
 
 
 # ---- publishing -----------------------------------------------------------------------------------------------
@@ -226,7 +222,7 @@ def test_a_fused_adapter_that_fails_verification_is_repaired_and_verified_again(
 ) -> None:
     state, held = stream.versions[0].state, {"job-1": stream.forget_sets["job-1"]}
     settings = replace(FUSION, **failing)
-    args = (stream.tokenizer, state, stream.retain, stream.holdout, held, CONFIG)
+    args = (stream.tokenizer, state, ItemSets((), stream.retain, stream.holdout, held), CONFIG)
 
     unrepaired = fuse_state(stream.base(), *args, replace(settings, repair_steps=0))
     assert not unrepaired.verification.passed and not unrepaired.repaired
@@ -244,12 +240,13 @@ def test_unlearn_trains_a_peft_models_adapter_further_measuring_before_on_the_or
     stream.versions[0].save(tmp_path)
     frozen = PeftModel.from_pretrained(stream.base(), tmp_path)
     with pytest.raises(ValueError, match="not trainable"):
-        unlearn(frozen, stream.tokenizer, stream.forget_sets["job-2"], stream.retain, stream.holdout, CONFIG)
+        unlearn(frozen, stream.tokenizer, ItemSets(stream.forget_sets["job-2"], stream.retain, stream.holdout), CONFIG)
 
     peft_model = PeftModel.from_pretrained(stream.base(), tmp_path, is_trainable=True)
     adapter = {key: w.clone() for key, w in peft_model.state_dict().items() if "lora_" in key}
     config = replace(CONFIG, max_steps=2)
-    result = unlearn(peft_model, stream.tokenizer, stream.forget_sets["job-2"], stream.retain, stream.holdout, config)
+    items = ItemSets(stream.forget_sets["job-2"], stream.retain, stream.holdout)
+    result = unlearn(peft_model, stream.tokenizer, items, config)
     assert result.model is peft_model and result.steps == 2
     assert any(not torch.equal(peft_model.state_dict()[key], w) for key, w in adapter.items())
     original = stream.score(stream.base(), "job-2")

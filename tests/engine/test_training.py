@@ -12,7 +12,16 @@ import pytest
 import torch
 from peft import PeftModel
 
-from worker.engine import AdapterSettings, Progress, UnlearnConfig, UnlearnResult, load_causal_lm, unlearn
+from worker.engine import (
+    AdapterSettings,
+    ItemSets,
+    Progress,
+    UnlearnConfig,
+    UnlearnResult,
+    adapter_init,
+    load_causal_lm,
+    unlearn,
+)
 from worker.engine.adapters import attach_adapter
 from worker.engine.data import encode_items
 from worker.engine.evaluation import score_items
@@ -47,6 +56,10 @@ class Demo:
     holdout: list[dict[str, str]]
     runs: dict[str, tuple[UnlearnResult, list[Progress]]] = field(default_factory=dict)
 
+    @property
+    def items(self) -> ItemSets:
+        return ItemSets(self.forget, self.retain, self.holdout)
+
 
 def read_jsonl(path: Path) -> list[dict[str, str]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -68,7 +81,8 @@ def run_method(demo: Demo, case: str) -> tuple[UnlearnResult, list[Progress]]:
         model, tokenizer = load_causal_lm(demo.model_dir, device="cpu")
         config = UnlearnConfig.from_dict(COMMON | METHODS[case])
         progress: list[Progress] = []
-        result = unlearn(model, tokenizer, demo.forget, demo.retain, demo.holdout, config, progress.append)
+        init = adapter_init(config.adapter.init)
+        result = unlearn(model, tokenizer, demo.items, config, init, on_progress=progress.append)
         demo.runs[case] = (result, progress)
     return demo.runs[case]
 
@@ -89,7 +103,7 @@ def test_method_forgets_to_the_holdout_level_within_the_retain_tolerance(demo: D
 def test_retain_perplexity_past_the_tolerance_stops_the_run(demo: Demo) -> None:
     model, tokenizer = load_causal_lm(demo.model_dir, device="cpu")
     config = UnlearnConfig.from_dict(COMMON | {"method": "ga", "learning_rate": 1e-2, "retain_ppl_tolerance": 1.05})
-    result = unlearn(model, tokenizer, demo.forget, demo.retain, demo.holdout, config)
+    result = unlearn(model, tokenizer, demo.items, config, adapter_init(config.adapter.init))
     assert result.stop_reason == "utility_tolerance"
     assert result.curve[-1]["retain_ppl"] > 1.05 * result.metrics_before["retain_ppl"]
     assert result.steps < config.max_steps
@@ -98,7 +112,7 @@ def test_retain_perplexity_past_the_tolerance_stops_the_run(demo: Demo) -> None:
 def test_step_budget_ends_the_run_with_a_last_evaluation(demo: Demo) -> None:
     model, tokenizer = load_causal_lm(demo.model_dir, device="cpu")
     config = UnlearnConfig.from_dict(COMMON | METHODS["ihl"] | {"max_steps": 2})
-    result = unlearn(model, tokenizer, demo.forget, demo.retain, demo.holdout, config)
+    result = unlearn(model, tokenizer, demo.items, config, adapter_init(config.adapter.init))
     assert result.stop_reason == "step_budget"
     assert [point["step"] for point in result.curve] == [0, 2]
 
@@ -132,7 +146,7 @@ def test_should_stop_cancels_between_steps(demo: Demo) -> None:
         return len(calls) > 2
 
     config = UnlearnConfig.from_dict(COMMON | METHODS["ihl"])
-    result = unlearn(model, tokenizer, demo.forget, demo.retain, demo.holdout, config, should_stop=should_stop)
+    result = unlearn(model, tokenizer, demo.items, config, adapter_init(config.adapter.init), should_stop=should_stop)
     assert result.stop_reason == "cancelled"
     assert result.steps == 2
     assert result.items_after == [] and result.metrics_after == {}  # a stopped run is not evaluated: it hands on fast

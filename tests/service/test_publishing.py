@@ -27,17 +27,15 @@ def corpora(tiny_demo_model) -> dict[str, list[dict]]:
 def fused(registered_model, tiny_demo_model, corpora):
     """A real tiny-model unlearning run of a succeeded job, fused into a publishable version."""
     from app.jobs.models import job_key
-    from worker.engine import FusionSettings, UnlearnConfig, fuse_job, load_causal_lm, unlearn
+    from worker.engine import FusionSettings, ItemSets, UnlearnConfig, adapter_init, fuse_job, load_causal_lm, unlearn
 
     config = UnlearnConfig()
     base, tokenizer = load_causal_lm(tiny_demo_model.model_dir)
-    result = unlearn(base, tokenizer, corpora["forget"], corpora["retain"], corpora["holdout"], config)
+    items = ItemSets(corpora["forget"], corpora["retain"], corpora["holdout"])
+    result = unlearn(base, tokenizer, items, config, adapter_init(config.adapter.init))
     assert result.stop_reason == "target_reached"
     trained_job, _ = job_row(registered_model, corpora["forget"], "succeeded")
-    return fuse_job(
-        result, tokenizer, job_key(trained_job), corpora["forget"], corpora["retain"], corpora["holdout"], {}, None,
-        config, FusionSettings(),
-    )  # fmt: skip
+    return fuse_job(result, tokenizer, job_key(trained_job), items, None, config, FusionSettings())
 
 
 def job_row(model_name: str, forget: list[dict], status: str) -> tuple[int, str]:

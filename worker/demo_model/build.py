@@ -6,14 +6,18 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from worker.demo_model.corpus import CorpusSplit, Item, split_corpus, write_jsonl
+from worker.demo_model.corpus import CorpusSplit, split_corpus, write_jsonl
+from worker.engine.data import encode_items
+from worker.engine.evaluation import score_items
 
 MIN_VERBATIM_RATE = 0.9
+MAX_LENGTH = 256
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
 
 
@@ -92,7 +96,7 @@ def build_demo_model(
 
     split = split_corpus(spec.memorised, spec.holdout, spec.general, seed)
     tokenizer = train_tokenizer(split, spec.vocab)
-    model = LlamaForCausalLM(_llama_config(spec, tokenizer))
+    model = LlamaForCausalLM(llama_config(spec, tokenizer, max_positions=256))
     with _one_torch_thread():
         rate = _train(model, tokenizer, split, spec, seed, log)
     if rate < MIN_VERBATIM_RATE:
@@ -127,15 +131,23 @@ def train_tokenizer(split: CorpusSplit, vocab_size: int) -> PreTrainedTokenizerF
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
-def _llama_config(spec: _Size, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
+class ModelShape(Protocol):
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+
+
+def llama_config(shape: ModelShape, tokenizer: PreTrainedTokenizerFast, max_positions: int) -> LlamaConfig:
+    """A small Llama-style model of `shape` for `tokenizer`, untied embeddings."""
     return LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=spec.hidden,
-        num_hidden_layers=spec.layers,
-        num_attention_heads=spec.heads,
-        num_key_value_heads=spec.heads,
-        intermediate_size=spec.intermediate,
-        max_position_embeddings=256,
+        hidden_size=shape.hidden,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.heads,
+        intermediate_size=shape.intermediate,
+        max_position_embeddings=max_positions,
         tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -152,8 +164,8 @@ def _train(
     log: Callable[[str], None],
 ) -> float:
     """AdamW on every training text, in rounds, until all records are verbatim; returns the final rate."""
-    ids, mask = _encode([t + tokenizer.eos_token for t in split.training_texts()], tokenizer)
-    labels = ids.masked_fill(mask == 0, -100)
+    rows = encode_items(tokenizer, [{"text": t + tokenizer.eos_token} for t in split.training_texts()], MAX_LENGTH)
+    ids, mask, labels = rows["input_ids"], rows["attention_mask"], rows["labels"]
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0)
     # decaying to zero at the step cap settles the forgetting spikes a constant rate shows late in training
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=spec.max_steps)
@@ -172,27 +184,12 @@ def _train(
             optimizer.zero_grad()
             schedule.step()
             step += 1
-        rate = _verbatim_rate(model.eval(), tokenizer, records)
+        rate = float(score_items(model, encode_items(tokenizer, records, MAX_LENGTH), len(records)).verbatim.mean())
         log(f"step {step}/{spec.max_steps} loss {loss.item():.3f} verbatim {rate:.0%}")
         # aim for every record; MIN_VERBATIM_RATE is only the floor accepted at the step cap
         if rate == 1.0:
             break
     return rate
-
-
-@torch.no_grad()
-def _verbatim_rate(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, records: list[Item]) -> float:
-    """Share of records whose completion greedy decoding reproduces exactly from the prompt.
-
-    One teacher-forced pass is equivalent: greedy decoding reproduces the completion iff the argmax at
-    every completion position is the completion's next token.
-    """
-    prompt_lens = [len(tokenizer(r["prompt"])["input_ids"]) for r in records]
-    ids, mask = _encode([r["prompt"] + r["completion"] for r in records], tokenizer)
-    hits = model(input_ids=ids, attention_mask=mask).logits.argmax(-1)[:, :-1] == ids[:, 1:]
-    positions = torch.arange(ids.shape[1] - 1)
-    completion = (positions[None, :] >= torch.tensor(prompt_lens)[:, None] - 1) & (mask[:, 1:] == 1)
-    return (hits | ~completion).all(dim=1).float().mean().item()
 
 
 @contextmanager
@@ -204,8 +201,3 @@ def _one_torch_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def _encode(texts: list[str], tokenizer: PreTrainedTokenizerFast) -> tuple[torch.Tensor, torch.Tensor]:
-    enc = tokenizer(texts, padding=True, return_tensors="pt")
-    return enc["input_ids"], enc["attention_mask"]

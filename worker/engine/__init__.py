@@ -1,7 +1,9 @@
 """The unlearning engine: objectives, LoRA adapters with FILA, evaluation and the training loop (a plain library)."""
 
 from worker.engine.adapters import AdapterSettings
+from worker.engine.data import ItemSets
 from worker.engine.evaluation import METRICS
+from worker.engine.inits import adapter_init
 from worker.engine.objectives import OBJECTIVES, get_objective
 from worker.engine.sequential import (
     FUSION_STATE_FILE,
@@ -23,10 +25,12 @@ __all__ = [
     "AdapterSettings",
     "FusedVersion",
     "FusionSettings",
+    "ItemSets",
     "Progress",
     "UnlearnConfig",
     "UnlearnResult",
     "Verification",
+    "adapter_init",
     "fuse_job",
     "fuse_state",
     "get_objective",

@@ -8,16 +8,18 @@ padded on the right; `labels` is `input_ids` with -100 on padding and prompt tok
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 Batch = dict[str, Tensor]
+Item = Mapping[str, str]
 IGNORE_INDEX = -100
 
 
-def encode_items(tokenizer: PreTrainedTokenizerBase, items: Sequence[Mapping[str, str]], max_length: int) -> Batch:
+def encode_items(tokenizer: PreTrainedTokenizerBase, items: Sequence[Item], max_length: int) -> Batch:
     """Tokenise items into one right-padded batch truncated to max_length tokens.
 
     The tokenizer's BOS token (when it has one) starts every row exactly once, whether or not the
@@ -101,3 +103,14 @@ def extraction_prefix_lengths(batch: Batch) -> Tensor:
     first_target = targets.long().argmax(dim=1)
     text_prefix = (lengths // 4).clamp(min=1)
     return torch.where(targets[:, 0], text_prefix, first_target)
+
+
+@dataclass(frozen=True)
+class ItemSets:
+    """The texts of one job: the request's forget items, the operator's retain and holdout corpora, and the forget
+    sets of earlier requests still held (by request key), which the verification gate re-checks."""
+
+    forget: Sequence[Item]
+    retain: Sequence[Item]
+    holdout: Sequence[Item]
+    held: Mapping[str, Sequence[Item]] = field(default_factory=dict)

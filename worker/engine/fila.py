@@ -11,38 +11,43 @@ from torch import Tensor, nn
 from worker.engine.adapters import init_factors, lora_layers, shift_base_weight
 from worker.engine.objectives import token_logprobs
 
+# The official code adds 1e-5 to the retain Fisher of a 7B model; relative to the layer's mean retain Fisher the
+# same damping holds at every model scale and dtype: weights the retain set barely uses cannot dominate the ratio.
+RELATIVE_EPS = 1e-2
+
 
 def fisher_diagonal(
     model: nn.Module, batches: Iterable[dict[str, Tensor]], module_names: Sequence[str]
 ) -> dict[str, Tensor]:
     """Diagonal empirical Fisher of the token NLL for each named Linear's weight, in fp32.
 
-    F = sum_b n_b * (grad of batch b's mean token NLL)^2 / sum_b n_b, with n_b the batch's target-token count.
+    F = (1/N) sum_i (grad of example i's mean token NLL)^2 over the N examples (rows): per example, not the square
+    of a batch's summed gradient, so a request of one batch still gets a Fisher and not a rank-one outer square.
     """
     weights = {name: model.get_submodule(name).weight for name in module_names}
     fisher = {name: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for name, w in weights.items()}
     was_trainable = {name: w.requires_grad for name, w in weights.items()}
     device = next(model.parameters()).device
-    tokens = 0
+    examples = 0
     try:
         for w in weights.values():
             w.requires_grad_(True)
         for batch in batches:
-            batch = {key: t.to(device) for key, t in batch.items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            logp, mask = token_logprobs(logits, batch["labels"])
-            n = int(mask.sum())
-            if n == 0:
-                continue
-            # autograd.grad, not backward: leaves the adapter's .grad fields alone
-            grads = torch.autograd.grad(-(logp * mask).sum(), list(weights.values()))
-            for f, g in zip(fisher.values(), grads, strict=True):
-                f += g.float().pow(2) / n  # n * (grad of the mean)^2 == (grad of the sum)^2 / n
-            tokens += n
+            for row in range(batch["input_ids"].shape[0]):
+                example = {key: t[row : row + 1].to(device) for key, t in batch.items()}
+                logits = model(input_ids=example["input_ids"], attention_mask=example["attention_mask"]).logits
+                logp, mask = token_logprobs(logits, example["labels"])
+                if not mask.any():
+                    continue
+                # autograd.grad, not backward: leaves the adapter's .grad fields alone
+                grads = torch.autograd.grad(-(logp * mask).sum() / mask.sum(), list(weights.values()))
+                for f, g in zip(fisher.values(), grads, strict=True):
+                    f += g.float().pow(2)
+                examples += 1
     finally:
         for name, w in weights.items():
             w.requires_grad_(was_trainable[name])
-    return {name: f / max(tokens, 1) for name, f in fisher.items()}
+    return {name: f / max(examples, 1) for name, f in fisher.items()}
 
 
 def _first_rows(batches: Iterable[dict[str, Tensor]], n_rows: int) -> Iterator[dict[str, Tensor]]:
@@ -60,11 +65,12 @@ def fisher_weighted_init(
     peft_model: PeftModel,
     forget_batches: Iterable[dict[str, Tensor]],
     retain_batches: Iterable[dict[str, Tensor]],
-    eps: float = 1e-8,
+    relative_eps: float = RELATIVE_EPS,
 ) -> None:
     """Re-initialise every LoRA layer from the forget/retain Fisher ratio; the model's outputs stay unchanged.
 
-    I = F_f / (F_r + eps); r_i = sqrt(sum_j I_ij); rank-r SVD diag(r) @ W = U S V^T; with s = alpha/rank,
+    I = F_f / (F_r + eps) with eps = relative_eps * mean(F_r) of the layer; r_i = sqrt(sum_j I_ij);
+    rank-r SVD diag(r) @ W = U S V^T; with s = alpha/rank,
     A = sqrt(S/s) V^T, B = diag(1/r) U sqrt(S/s); the base weight becomes W - s*B@A.
     """
     adapter = peft_model.active_adapter
@@ -80,7 +86,9 @@ def fisher_weighted_init(
     for name, layer in layers.items():
         base, s, rank = layer.get_base_layer(), layer.scaling[adapter], layer.r[adapter]
         w = base.weight.float()
-        importance = fisher_forget[f"{name}.base_layer"] / (fisher_retain[f"{name}.base_layer"] + eps)
+        f_r = fisher_retain[f"{name}.base_layer"]
+        eps = (relative_eps * f_r.mean()).clamp(min=torch.finfo(torch.float32).tiny)  # a zero Fisher gives 0, not nan
+        importance = fisher_forget[f"{name}.base_layer"] / (f_r + eps)
         row_weight = importance.sum(dim=1).sqrt()
         _, sv, vh = torch.linalg.svd(row_weight[:, None] * w, full_matrices=False)
         sv, vh = sv[:rank], vh[:rank]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor
 
-IGNORE_INDEX = -100
+from worker.engine.data import IGNORE_INDEX
 
 
 @dataclass(frozen=True)
@@ -33,12 +33,6 @@ def token_logprobs(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     """log p(x_t | x_<t) for every position [B, T-1] and the mask of target positions."""
     logp, targets, mask = _shifted(logits, labels)
     return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), mask
-
-
-def target_token_probs(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """p(x_t | x_<t) for every position [B, T-1] and the mask of target positions."""
-    logp, mask = token_logprobs(logits, labels)
-    return logp.exp(), mask
 
 
 def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from worker.engine.adapters import adapter_deltas, init_factors, lora_layers, save_adapter
-from worker.engine.data import Batch, chunks, encode_items
+from worker.engine.data import Batch, Item, ItemSets, chunks, encode_items
 from worker.engine.evaluation import evaluate
 from worker.engine.fusion import (
     FusionState,
@@ -33,7 +33,8 @@ from worker.engine.fusion import (
     remove_job,
     save_fusion_state,
 )
-from worker.engine.training import Item, UnlearnConfig, UnlearnResult, _evaluation, _evaluation_sets, unlearn
+from worker.engine.settings import settings_from_dict
+from worker.engine.training import UnlearnConfig, UnlearnResult, _evaluation, _evaluation_sets, unlearn
 
 FUSION_STATE_FILE = "fusion_state.safetensors"
 
@@ -63,11 +64,7 @@ class FusionSettings:
     @classmethod
     def from_dict(cls, settings: Mapping[str, Any]) -> FusionSettings:
         """Build from JSON settings; unknown keys and invalid values raise ValueError."""
-        known = {f.name for f in fields(cls)}
-        unknown = set(settings) - known
-        if unknown:
-            raise ValueError(f"unknown fusion settings {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**settings)
+        return settings_from_dict(cls, settings)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready; from_dict(to_dict()) round-trips."""
@@ -127,10 +124,7 @@ def fuse_job(
     result: UnlearnResult,
     tokenizer: PreTrainedTokenizerBase,
     job_key: str,
-    forget_items: Sequence[Item],
-    retain_items: Sequence[Item],
-    holdout_items: Sequence[Item],
-    held_forget_sets: Mapping[str, Sequence[Item]],
+    items: ItemSets,
     previous: FusionState | None,
     config: UnlearnConfig,
     settings: FusionSettings,
@@ -138,14 +132,14 @@ def fuse_job(
     """Fuse the job that gave `result` with the earlier jobs of `previous`, verify the fused adapter, repair it if
     it fails; `result.model` is spent (its base becomes the original base under the fused adapter).
 
-    held_forget_sets are the earlier jobs' forget sets whose texts are still held (possibly none); the gate checks
-    them and this job's items against result.target and result.metrics_before["retain_ppl"], both measured on the
+    items.held are the earlier jobs' forget sets whose texts are still held (possibly none); the gate checks
+    them and this job's items.forget against result.target and result.metrics_before["retain_ppl"], both measured on the
     original base. The returned state keeps each job's own statistics: a repair changes the published adapter
     only, so the next fusion starts again from the jobs' statistics and its gate repairs again where needed.
     """
     model = result.model
     deltas = adapter_deltas(model)
-    grams = input_grams(model, _batches(tokenizer, forget_items, config), list(deltas))
+    grams = input_grams(model, _batches(tokenizer, items.forget, config), list(deltas))
     base = original_base(model)
     state = add_job(_on(previous or FusionState(), base.device), job_key, grams, deltas)
     original = {
@@ -153,8 +147,8 @@ def fuse_job(
         "holdout_el": result.target["forget_el"],
         "retain_ppl": result.metrics_before["retain_ppl"],
     }
-    forget_sets = dict(held_forget_sets) | {job_key: forget_items}
-    return _fused_version(base, tokenizer, state, forget_sets, retain_items, holdout_items, original, config, settings)
+    forget_sets = dict(items.held) | {job_key: items.forget}
+    return _fused_version(base, tokenizer, state, forget_sets, items.retain, items.holdout, original, config, settings)
 
 
 def unmerge_job(
@@ -162,9 +156,7 @@ def unmerge_job(
     tokenizer: PreTrainedTokenizerBase,
     state: FusionState,
     job_key: str,
-    retain_items: Sequence[Item],
-    holdout_items: Sequence[Item],
-    held_forget_sets: Mapping[str, Sequence[Item]],
+    items: ItemSets,
     config: UnlearnConfig,
     settings: FusionSettings,
 ) -> FusedVersion:
@@ -178,17 +170,15 @@ def unmerge_job(
     if len(state.jobs) == 1:
         raise ValueError(f"job {job_key!r} is the only fused job: without it there is no adapter to publish")
     remaining = remove_job(_on(state, base_model.device), job_key)
-    held = {key: items for key, items in held_forget_sets.items() if key != job_key}
-    return fuse_state(base_model, tokenizer, remaining, retain_items, holdout_items, held, config, settings)
+    held = {key: texts for key, texts in items.held.items() if key != job_key}
+    return fuse_state(base_model, tokenizer, remaining, replace(items, held=held), config, settings)
 
 
 def fuse_state(
     base_model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     state: FusionState,
-    retain_items: Sequence[Item],
-    holdout_items: Sequence[Item],
-    held_forget_sets: Mapping[str, Sequence[Item]],
+    items: ItemSets,
     config: UnlearnConfig,
     settings: FusionSettings,
 ) -> FusedVersion:
@@ -198,9 +188,7 @@ def fuse_state(
     here, and repairs on those sets.
     """
     state = _on(state, base_model.device)
-    return _fused_version(
-        base_model, tokenizer, state, held_forget_sets, retain_items, holdout_items, None, config, settings
-    )
+    return _fused_version(base_model, tokenizer, state, items.held, items.retain, items.holdout, None, config, settings)
 
 
 def _fused_version(
@@ -242,7 +230,8 @@ def _fused_version(
         failing = [item for key, items in forget_sets.items() if not verification.sets[key]["passed"] for item in items]
         if not failing:
             break  # only retain perplexity fails, which more unlearning cannot mend
-        repair = unlearn(model, tokenizer, failing, retain_items, holdout_items, replace(config, max_steps=steps_left))
+        repair_items = ItemSets(failing, retain_items, holdout_items)
+        repair = unlearn(model, tokenizer, repair_items, replace(config, max_steps=steps_left))
         verification = _verify(model, sets, forget_sets, target, retain_ppl_limit, config)
         repaired, steps_left = True, steps_left - repair.steps
         if repair.steps == 0 or repair.stop_reason != "target_reached":
@@ -260,7 +249,7 @@ def _gate_sets(
     """unlearn()'s own sets, so that retain perplexity is measured on the job's sample; with no forget set held,
     the holdout items fill the forget slot and are never evaluated as such."""
     union = [item for items in forget_sets.values() for item in items]
-    return _evaluation_sets(tokenizer, union or holdout_items, retain_items, holdout_items, config)
+    return _evaluation_sets(tokenizer, ItemSets(union or holdout_items, retain_items, holdout_items), config)
 
 
 def verify_model(

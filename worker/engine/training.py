@@ -10,8 +10,8 @@ from __future__ import annotations
 import copy
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +20,7 @@ from peft import PeftModel
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from worker.engine import fila
 from worker.engine.adapters import (
-    INITS,
     AdapterSettings,
     attach_adapter,
     load_trainable_state,
@@ -30,10 +28,12 @@ from worker.engine.adapters import (
     save_adapter,
     trainable_state,
 )
-from worker.engine.data import Batch, chunks, encode_items, iterate_batches, select_rows, to_device
+from worker.engine.data import Batch, ItemSets, chunks, encode_items, iterate_batches, select_rows, to_device
 from worker.engine.evaluation import Evaluation, evaluate
+from worker.engine.inits import ADAPTER_INITS, AdapterInit
 from worker.engine.mgda import min_norm_weights
 from worker.engine.objectives import OBJECTIVES, LossInputs, Objective, get_objective, retain_nll
+from worker.engine.settings import check_types, settings_from_dict
 
 MGDA_METHODS = ("uce", "ihl", "ga")
 CURVE_METRICS = ("forget_ma", "forget_el", "retain_ppl")
@@ -42,8 +42,6 @@ REPORT_METRICS = (
     "holdout_ma", "holdout_el", "holdout_nll", "holdout_verbatim", "holdout_repetition",
     "retain_ma", "retain_ppl", "mia_auc_loss", "mia_auc_min_k",
 )  # fmt: skip
-Item = Mapping[str, str]
-_SCALAR_TYPES = {"str": (str,), "bool": (bool,), "int": (int,), "float": (int, float)}  # JSON-config checks
 
 
 @dataclass
@@ -65,17 +63,14 @@ class UnlearnConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for settings in (self, self.adapter):
-            for f in fields(settings):
-                value, kinds = getattr(settings, f.name), _SCALAR_TYPES.get(f.type)
-                if kinds and (not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)):
-                    raise ValueError(f"{f.name} must be of type {f.type}, got {value!r}")
+        check_types(self)
+        check_types(self.adapter)
         if self.method not in OBJECTIVES:
             raise ValueError(f"unknown method {self.method!r}; known: {', '.join(OBJECTIVES)}")
         if self.mgda and self.method not in MGDA_METHODS:
             raise ValueError(f"mgda composes with {', '.join(MGDA_METHODS)}, not {self.method!r}")
-        if self.adapter.init not in INITS:
-            raise ValueError(f"unknown adapter init {self.adapter.init!r}; known: {', '.join(INITS)}")
+        if self.adapter.init not in ADAPTER_INITS:
+            raise ValueError(f"unknown adapter init {self.adapter.init!r}; known: {', '.join(ADAPTER_INITS)}")
         if self.adapter.rank < 1 or self.adapter.alpha <= 0 or not self.adapter.target_modules:
             raise ValueError("the adapter needs rank >= 1, alpha > 0 and at least one target module")
         for name in ("max_steps", "batch_size", "eval_every", "max_length", "el_n", "retain_eval_items",
@@ -103,20 +98,7 @@ class UnlearnConfig:
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> UnlearnConfig:
         """Build from a JSON job config; unknown keys and invalid values raise ValueError."""
-        known = {f.name for f in fields(cls)}
-        unknown = set(config) - known
-        if unknown:
-            raise ValueError(f"unknown config keys {sorted(unknown)}; known: {sorted(known)}")
-        values = dict(config)
-        if "adapter" in values:
-            adapter = dict(values["adapter"])
-            adapter_keys = {f.name for f in fields(AdapterSettings)}
-            if set(adapter) - adapter_keys:
-                raise ValueError(f"unknown adapter keys {sorted(set(adapter) - adapter_keys)}")
-            if "target_modules" in adapter:
-                adapter["target_modules"] = tuple(adapter["target_modules"])
-            values["adapter"] = AdapterSettings(**adapter)
-        return cls(**values)
+        return settings_from_dict(cls, config)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready; from_dict(to_dict()) round-trips."""
@@ -184,20 +166,21 @@ def load_causal_lm(
 def unlearn(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    forget_items: Sequence[Item],
-    retain_items: Sequence[Item],
-    holdout_items: Sequence[Item],
+    items: ItemSets,
     config: UnlearnConfig,
+    init: AdapterInit | None = None,
     on_progress: Callable[[Progress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     on_checkpoint: Callable[[Checkpoint], None] | None = None,
     checkpoint_every: int = 0,
     resume: Checkpoint | None = None,
 ) -> UnlearnResult:
-    """Make `model` forget `forget_items` with a LoRA adapter (the model is wrapped in place).
+    """Make `model` forget `items.forget` with a LoRA adapter (the model is wrapped in place).
 
-    A PeftModel is trained further with its own trainable adapter (config.adapter is then unused); metrics_before,
-    items_before and the target are always the original base model's.
+    `init` re-initialises the freshly attached adapter from forget and retain batches (inits.adapter_init of
+    config.adapter.init; None keeps peft's). A PeftModel is trained further with its own trainable adapter
+    (config.adapter and init are then unused); metrics_before, items_before and the target are always the original
+    base model's.
     Every `checkpoint_every` steps, and when `should_stop` stops the run, `on_checkpoint` gets a Checkpoint; the same
     call with `resume=` that checkpoint (on a fresh copy of the base model) goes on to the result the uninterrupted
     run would have had.
@@ -206,9 +189,9 @@ def unlearn(
     objective, params = get_objective(config.method), config.objective_params()
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    forget = encode_items(tokenizer, forget_items, config.max_length)
-    retain = encode_items(tokenizer, retain_items, config.max_length)
-    sets = _evaluation_sets(tokenizer, forget_items, retain_items, holdout_items, config)
+    forget = encode_items(tokenizer, items.forget, config.max_length)
+    retain = encode_items(tokenizer, items.retain, config.max_length)
+    sets = _evaluation_sets(tokenizer, items, config)
     forget_batches = iterate_batches(forget, config.batch_size, generator)
     retain_batches = iterate_batches(retain, config.batch_size, generator)
 
@@ -217,13 +200,13 @@ def unlearn(
             raise ValueError("the PeftModel's adapter is not trainable (load it with is_trainable=True)")
     else:
         model = attach_adapter(model, config.adapter)
-        if config.adapter.init == "fila":
+        if init is not None:
             n_forget = forget["input_ids"].shape[0]
             # drawn on a resume too, so the batch order that follows is the same
             retain_rows = torch.randperm(retain["input_ids"].shape[0], generator=generator)[:n_forget]
             if resume is None:
                 retain_chunks = chunks(select_rows(retain, retain_rows), config.batch_size)
-                fila.fisher_weighted_init(model, chunks(forget, config.batch_size), retain_chunks)
+                init(model, chunks(forget, config.batch_size), retain_chunks)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
 
@@ -318,20 +301,14 @@ def _stop_reason(point: Mapping[str, float], target: Mapping[str, float], ppl_li
     return None
 
 
-def _evaluation_sets(
-    tokenizer: PreTrainedTokenizerBase,
-    forget_items: Sequence[Item],
-    retain_items: Sequence[Item],
-    holdout_items: Sequence[Item],
-    config: UnlearnConfig,
-) -> dict[str, Batch]:
+def _evaluation_sets(tokenizer: PreTrainedTokenizerBase, items: ItemSets, config: UnlearnConfig) -> dict[str, Batch]:
     """forget, holdout, a seeded sample of retain items and (when there are any) of the retain text items."""
     sample = random.Random(config.seed)
-    general = [item for item in retain_items if "text" in item]
+    general = [item for item in items.retain if "text" in item]
     sets = {
-        "forget": forget_items,
-        "holdout": holdout_items,
-        "retain": sample.sample(list(retain_items), min(len(retain_items), config.retain_eval_items)),
+        "forget": items.forget,
+        "holdout": items.holdout,
+        "retain": sample.sample(list(items.retain), min(len(items.retain), config.retain_eval_items)),
     }
     if general:
         sets["general"] = sample.sample(general, min(len(general), config.retain_eval_items))
