@@ -20,6 +20,7 @@ from worker.engine.adapters import (
     reference_model,
     save_adapter,
 )
+from worker.engine.inits import adapter_init
 from worker.engine.objectives import token_nll
 
 DEFAULT = AdapterSettings(rank=4, alpha=8.0, init="default")
@@ -61,9 +62,9 @@ def test_attach_adapter_starts_from_the_base_model_and_trains_only_lora():
     torch.testing.assert_close(logits_of(peft_model, BATCH), before)
 
 
-def test_attach_adapter_rejects_an_unknown_init():
+def test_an_unknown_adapter_init_is_refused_naming_the_known_ones():
     with pytest.raises(ValueError, match="fila"):
-        attach_adapter(tiny_llama(), AdapterSettings(init="pissa"))
+        adapter_init("pissa")
 
 
 def test_reference_model_reproduces_the_original_logits(trained):
