@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Annotated
 from urllib.parse import parse_qsl
 
-from fastapi import Depends, Request, Security
+from fastapi import Depends, Query, Request, Security
 from fastapi.security import SecurityScopes
 
 from app.api.deps import SessionDep, SettingsDep
@@ -19,6 +19,8 @@ from app.ui.sessions import COOKIE, find, same_token
 
 FORM_TYPE = "application/x-www-form-urlencoded"
 MAX_FORM_FIELDS = 20
+# A list page's free-text filter: blank filters nothing, and a client's value is bounded like every other.
+TextFilter = Annotated[str | None, Query(max_length=200)]
 
 
 class SignInRequired(Exception):

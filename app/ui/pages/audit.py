@@ -10,23 +10,22 @@ from fastapi.responses import HTMLResponse
 
 from app.api.deps import SessionDep
 from app.audit.service import list_events
-from app.ui.deps import Admin
+from app.ui.deps import Admin, TextFilter
 from app.ui.templating import page
 
 router = APIRouter()
 
 PAGE_SIZE = 50
-Filter = Annotated[str | None, Query(max_length=200)]
 
 
 @dataclass
 class AuditFilters:
     """Blank fields filter nothing; `before` is the cursor (an event id)."""
 
-    actor: Filter = None
-    action: Filter = None
-    entity_type: Filter = None
-    entity_id: Filter = None
+    actor: TextFilter = None
+    action: TextFilter = None
+    entity_type: TextFilter = None
+    entity_id: TextFilter = None
     before: Annotated[int | None, Query(ge=1, le=2**63 - 1)] = None
 
 

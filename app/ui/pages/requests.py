@@ -23,14 +23,13 @@ from app.forget_requests import service
 from app.forget_requests.models import ForgetRequest, RequestStatus
 from app.jobs.models import job_requests
 from app.retention.service import SHREDDABLE, shred
-from app.ui.deps import AdminPost, Reader
+from app.ui.deps import AdminPost, Reader, TextFilter
 from app.ui.templating import page
 
 router = APIRouter()
 
 PAGE_SIZE = 25
 MAX_REASON_CHARS = 300
-Filter = Annotated[str | None, Query(max_length=200)]
 Cursor = Annotated[str | None, Query(max_length=200)]
 
 
@@ -38,9 +37,9 @@ Cursor = Annotated[str | None, Query(max_length=200)]
 class RequestFilters:
     """`q` is an id (opens the request) or a subject_request_id; blank fields filter nothing."""
 
-    q: Filter = None
-    status: Filter = None
-    model: Filter = None
+    q: TextFilter = None
+    status: TextFilter = None
+    model: TextFilter = None
     cursor: Cursor = None
 
 
