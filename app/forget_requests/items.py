@@ -33,9 +33,18 @@ def item_digest(item: dict, settings: Settings) -> str:
 
 
 def seal_items(request: ForgetRequest, items: list[dict], settings: Settings) -> None:
-    """Encrypt `items` into the request once its row is written: the id binds the ciphertext to the row, and a key
-    epoch advance waits for the writing transaction (app/retention/epochs.py)."""
+    """Encrypt `items` into the request under the current key epoch; the id binds the ciphertext to the row. A new
+    row is sealed before it is written, in the same INSERT, then checked by reseal_if_epoch_moved()."""
     _store(request, seal(canonical_json(items), key_store(settings), request.id.bytes))
+
+
+def reseal_if_epoch_moved(request: ForgetRequest, items: list[dict], settings: Settings) -> None:
+    """Once the new request's row is written, and so locked until commit: seal it again if the key epoch advanced
+    since it was sealed. An advance that began earlier may have re-wrapped every row and destroyed the old keys
+    before this row existed; one that begins later waits for this transaction, then re-wraps the row itself
+    (app/retention/epochs.py)."""
+    if key_store(settings).current_epoch() != request.key_epoch:
+        seal_items(request, items, settings)
 
 
 def open_items(request: ForgetRequest, settings: Settings) -> list[dict]:

@@ -20,7 +20,7 @@ from app.core.canonical import canonical_json
 from app.core.config import Settings
 from app.core.db import utcnow
 from app.core.errors import Conflict, InvalidInput, NotFound
-from app.forget_requests.items import item_digest, seal_items
+from app.forget_requests.items import item_digest, reseal_if_epoch_moved, seal_items
 from app.forget_requests.models import ForgetRequest, RequestStatus
 from app.forget_requests.schemas import ForgetRequestCreate, ForgetRequestOut
 
@@ -55,11 +55,6 @@ def _check_limits(data: ForgetRequestCreate, settings: Settings) -> None:
 def visible_to(key: ApiKey) -> ColumnElement[bool]:
     """The requests a key may see: its tenant's, or every one with `admin`."""
     return true() if key.is_admin else ForgetRequest.tenant == key.tenant
-
-
-def can_see(key: ApiKey, request: ForgetRequest) -> bool:
-    """visible_to() for a loaded request."""
-    return key.is_admin or request.tenant == key.tenant
 
 
 def _existing(session: Session, key: ApiKey, subject_request_id: str) -> ForgetRequest | None:
@@ -99,7 +94,7 @@ def submit(session: Session, key: ApiKey, data: ForgetRequestCreate, settings: S
         api_key_id=key.id,
         tenant=key.tenant,
         subject_request_id=data.subject_request_id,
-        base_model_id=model.id,
+        base_model=model,  # so the answer needs no query for it after the commit
         body_sha256=digest,
         status=RequestStatus.pending,
         received_at=now,
@@ -107,9 +102,12 @@ def submit(session: Session, key: ApiKey, data: ForgetRequestCreate, settings: S
         status_callback_urls=callback_urls,
         item_sha256s=[item_digest(item, settings) for item in items],
     )
+    seal_items(request, items, settings)
     session.add(request)
+    record(session, key.actor, "forget_request.received", "forget_request", request.id, model=model.name,
+           items=len(request.item_sha256s))  # fmt: skip
     try:
-        session.flush()
+        session.flush()  # one round trip per row: the request and its audit event
     except IntegrityError:
         # A concurrent submission with the same idempotency key won the race.
         session.rollback()
@@ -117,17 +115,8 @@ def submit(session: Session, key: ApiKey, data: ForgetRequestCreate, settings: S
         if original is None:
             raise
         return _replay(original, digest), False
-    # Sealed once the row is written: a key epoch advance then waits for this transaction (app/retention/epochs.py).
-    seal_items(request, items, settings)
-    record(
-        session,
-        key.actor,
-        "forget_request.received",
-        "forget_request",
-        request.id,
-        model=model.name,
-        items=len(request.item_sha256s),
-    )
+    # Written: a key epoch advance from now on waits for this transaction (app/retention/epochs.py).
+    reseal_if_epoch_moved(request, items, settings)
     return request, True
 
 

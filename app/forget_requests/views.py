@@ -4,8 +4,12 @@ import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response, status
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import ReaderKey, SessionDep, SettingsDep, WriterKey
+from app.auth.models import ApiKey
+from app.core.config import Settings
 from app.core.errors import AUTHENTICATED, JSON_BODY, error_responses
 from app.forget_requests import service
 from app.forget_requests.schemas import ForgetRequestCreate, ForgetRequestOut, ForgetRequestPage
@@ -22,20 +26,28 @@ router = APIRouter(prefix="/forget-requests", tags=["forget requests"], response
         **error_responses(404, 409),
     },
 )
-def submit_forget_request(
+async def submit_forget_request(
     body: ForgetRequestCreate, key: WriterKey, session: SessionDep, settings: SettingsDep, response: Response
 ) -> ForgetRequestOut:
     """Record a deletion request. Re-sending the same `subject_request_id` and body returns the original (200)."""
-    request, created = service.submit(session, key, body, settings)
-    session.commit()
+    answer, created = await run_in_threadpool(_submit, session, key, body, settings)
     if not created:
         response.status_code = status.HTTP_200_OK
-    return service.to_out(request)
+    return answer
+
+
+def _submit(
+    session: Session, key: ApiKey, body: ForgetRequestCreate, settings: Settings
+) -> tuple[ForgetRequestOut, bool]:
+    """The database work of a submission, in one hop to the thread pool: one transaction, committed."""
+    request, created = service.submit(session, key, body, settings)
+    session.commit()
+    return service.to_out(request), created
 
 
 @router.get("/{request_id}", responses=error_responses(404))
-def get_forget_request(request_id: uuid.UUID, key: ReaderKey, session: SessionDep) -> ForgetRequestOut:
-    return service.to_out(service.get(session, request_id, key))
+async def get_forget_request(request_id: uuid.UUID, key: ReaderKey, session: SessionDep) -> ForgetRequestOut:
+    return await run_in_threadpool(lambda: service.to_out(service.get(session, request_id, key)))
 
 
 @router.get("", responses=error_responses(404))

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import logging
+import uuid
+from collections.abc import Sequence
 
 from sqlalchemy import ColumnElement, select, true, update
 from sqlalchemy.orm import Session
@@ -14,10 +16,10 @@ from app.core.config import Settings
 from app.core.db import MAX_INTEGER, utcnow
 from app.core.errors import Conflict, InvalidInput, NotFound
 from app.forget_requests.models import ForgetRequest
-from app.forget_requests.service import can_see
+from app.forget_requests.service import visible_to as requests_visible_to
 from app.jobs.batching import batch_pending, job_config
 from app.jobs.lifecycle import cancel
-from app.jobs.models import UNMERGE, JobStatus, UnlearningJob, job_key
+from app.jobs.models import UNMERGE, JobStatus, UnlearningJob, job_key, job_requests
 from app.jobs.schemas import JobOut
 
 log = logging.getLogger(__name__)
@@ -147,25 +149,45 @@ def list_jobs(
     return page, str(page[-1].id) if len(rows) > limit else None
 
 
-def to_out(job: UnlearningJob, key: ApiKey) -> JobOut:
-    """The job as `key` may see it: other tenants' requests in the same batch and the engine settings are left out."""
-    return JobOut(
-        id=job.id,
-        model=job.base_model.name,
-        method=job.method,
-        config=job.config if key.is_admin else None,
-        status=job.status,
-        progress=job.progress,
-        attempts=job.attempts,
-        worker_hostname=job.worker_hostname,
-        created_at=job.created_at,
-        started_at=job.started_at,
-        heartbeat_at=job.heartbeat_at,
-        finished_at=job.finished_at,
-        error=job.error,
-        evaluation=job.evaluation,
-        trigger=job.trigger,
-        not_before=job.not_before,
-        cancel_requested_at=job.cancel_requested_at,
-        request_ids=[r.id for r in job.requests if can_see(key, r)],
-    )
+def visible_request_ids(session: Session, jobs: Sequence[UnlearningJob], key: ApiKey) -> dict[int, list[uuid.UUID]]:
+    """The ids of each job's requests that `key` may see (other tenants' requests in the same batch are left out),
+    oldest first: one query for a whole page of jobs, reading two columns instead of every request's row."""
+    ids: dict[int, list[uuid.UUID]] = {job.id: [] for job in jobs}
+    if ids:
+        query = (
+            select(job_requests.c.job_id, ForgetRequest.id)
+            .join(ForgetRequest, ForgetRequest.id == job_requests.c.request_id)
+            .where(job_requests.c.job_id.in_(list(ids)), requests_visible_to(key))
+            .order_by(job_requests.c.job_id, ForgetRequest.received_at)
+        )
+        for job_id, request_id in session.execute(query):
+            ids[job_id].append(request_id)
+    return ids
+
+
+def to_out(session: Session, jobs: Sequence[UnlearningJob], key: ApiKey) -> list[JobOut]:
+    """The jobs as `key` may see them: the engine settings for admins only, and only the requests it may see."""
+    request_ids = visible_request_ids(session, jobs, key)
+    return [
+        JobOut(
+            id=job.id,
+            model=job.base_model.name,
+            method=job.method,
+            config=job.config if key.is_admin else None,
+            status=job.status,
+            progress=job.progress,
+            attempts=job.attempts,
+            worker_hostname=job.worker_hostname,
+            created_at=job.created_at,
+            started_at=job.started_at,
+            heartbeat_at=job.heartbeat_at,
+            finished_at=job.finished_at,
+            error=job.error,
+            evaluation=job.evaluation,
+            trigger=job.trigger,
+            not_before=job.not_before,
+            cancel_requested_at=job.cancel_requested_at,
+            request_ids=request_ids[job.id],
+        )
+        for job in jobs
+    ]

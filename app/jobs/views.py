@@ -3,6 +3,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
+from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import AdminKey, ReaderKey, SessionDep, SettingsDep
 from app.base_models.service import get_by_name
@@ -15,13 +16,13 @@ router = APIRouter(tags=["jobs"], responses=AUTHENTICATED)
 
 
 @router.get("/jobs/{job_id}", responses=error_responses(404))
-def get_job(job_id: Annotated[int, Path(ge=1, le=MAX_INTEGER)], key: ReaderKey, session: SessionDep) -> JobOut:
+async def get_job(job_id: Annotated[int, Path(ge=1, le=MAX_INTEGER)], key: ReaderKey, session: SessionDep) -> JobOut:
     """A job with its progress (step, total, phase, latest metrics), for dashboards that poll."""
-    return service.to_out(service.get(session, job_id, key), key)
+    return await run_in_threadpool(lambda: service.to_out(session, [service.get(session, job_id, key)], key)[0])
 
 
 @router.get("/jobs", responses=error_responses(404))
-def list_jobs(
+async def list_jobs(
     key: ReaderKey,
     session: SessionDep,
     settings: SettingsDep,
@@ -31,11 +32,16 @@ def list_jobs(
     limit: Annotated[int, Query(ge=1)] = 50,
     tenant: Annotated[str | None, Query(min_length=1, max_length=100)] = None,
 ) -> JobPage:
-    base_model = get_by_name(session, model) if model else None
-    page, next_cursor = service.list_jobs(
-        session, key, status, base_model, cursor, min(limit, settings.max_page_size), tenant
-    )
-    return JobPage(items=[service.to_out(j, key) for j in page], next_cursor=next_cursor)
+    """Newest first: the dashboard's poll, answered in one hop to the thread pool and two queries."""
+
+    def page() -> JobPage:
+        base_model = get_by_name(session, model) if model else None
+        jobs, next_cursor = service.list_jobs(
+            session, key, status, base_model, cursor, min(limit, settings.max_page_size), tenant
+        )
+        return JobPage(items=service.to_out(session, jobs, key), next_cursor=next_cursor)
+
+    return await run_in_threadpool(page)
 
 
 @router.post("/jobs/{job_id}/cancel", status_code=202, responses=error_responses(404, 409))
@@ -44,7 +50,7 @@ def cancel_job(job_id: Annotated[int, Path(ge=1, le=MAX_INTEGER)], key: AdminKey
     until then). Its requests go back to pending. A job already publishing answers 409."""
     job = service.request_cancel(session, service.get(session, job_id, key), key.actor)
     session.commit()
-    return service.to_out(job, key)
+    return service.to_out(session, [job], key)[0]
 
 
 @router.post("/admin/batches", status_code=201, responses=error_responses(404))
@@ -54,7 +60,7 @@ def batch_now(key: AdminKey, session: SessionDep, settings: SettingsDep, model: 
     time)."""
     only_model = get_by_name(session, model) if model else None
     jobs = service.run_batcher(session, settings, key.actor, force=True, only_model=only_model)
-    return BatchResult(jobs=[service.to_out(j, key) for j in jobs])
+    return BatchResult(jobs=service.to_out(session, jobs, key))
 
 
 @router.post("/models/{name}/unmerge", status_code=202, responses={**JSON_BODY, **error_responses(404, 409)})
@@ -62,4 +68,4 @@ def unmerge_job(name: str, body: UnmergeCreate, key: AdminKey, session: SessionD
     """Take one job back out of the model's fused adapter (e.g. a request forgotten by mistake), without retraining:
     a new version is published from the other jobs' statistics, and the job's requests become `cancelled`."""
     job = service.start_unmerge(session, get_by_name(session, name), body.job_id, settings, key.actor)
-    return service.to_out(job, key)
+    return service.to_out(session, [job], key)[0]

@@ -231,14 +231,15 @@ def test_keys_refuse_an_invalid_tenant_or_lifetime(session):
 @pytest.fixture
 def limited_clients(database):
     """Two app instances (as two API processes would be) with a burst of 3 and one token a second."""
-    from app.core.config import Settings, get_settings
+    from app.api.deps import app_settings
+    from app.core.config import Settings
     from app.main import create_app
 
     limited = Settings(rate_limit_per_minute=60, rate_limit_burst=3)
     clients = []
     for _ in range(2):
         app = create_app()
-        app.dependency_overrides[get_settings] = lambda: limited
+        app.dependency_overrides[app_settings] = lambda: limited
         clients.append(TestClient(app, raise_server_exceptions=False))
     return clients
 

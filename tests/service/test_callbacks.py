@@ -304,12 +304,13 @@ def settings_client(database):
     """An in-process API whose settings differ from the test session's in the given fields."""
     from fastapi.testclient import TestClient
 
-    from app.core.config import Settings, get_settings
+    from app.api.deps import app_settings
+    from app.core.config import Settings
     from app.main import create_app
 
     def make(**overrides: object) -> TestClient:
         app = create_app()
-        app.dependency_overrides[get_settings] = lambda: Settings(**overrides)
+        app.dependency_overrides[app_settings] = lambda: Settings(**overrides)
         return TestClient(app, raise_server_exceptions=False)
 
     return make

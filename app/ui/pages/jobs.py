@@ -70,7 +70,7 @@ def _job_context(session: SessionDep, viewer: Reader, job_id: int) -> dict:
     metrics = charts.job_metrics(job, version)
     return {
         "job": job,
-        "request_ids": service.to_out(job, viewer.api_key).request_ids,
+        "request_ids": service.visible_request_ids(session, [job], viewer.api_key)[job.id],
         "final": job.status in FINAL,
         "cancellable": job.status in CANCELLABLE and job.cancel_requested_at is None,
         "version": version,
