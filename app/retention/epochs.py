@@ -40,8 +40,8 @@ def _rewrap_older(session: Session, settings: Settings, epoch: int) -> int:
 
 
 def _lock_requests(session: Session) -> None:
-    """Block every write to forget_requests until commit: a submission writes its row before it seals (and so
-    before it reads the current epoch), so once this holds, every row under an old epoch is visible here."""
+    """Block every write to forget_requests until commit: a submission reads the current epoch again once its row
+    is written (and seals anew if it moved), so once this holds, every row under an old epoch is visible here."""
     if session.get_bind().dialect.name == "postgresql":
         session.execute(text("LOCK TABLE forget_requests IN SHARE ROW EXCLUSIVE MODE"))
     else:
