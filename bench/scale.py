@@ -20,10 +20,12 @@ from __future__ import annotations
 import argparse
 import platform
 import resource
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -144,9 +146,12 @@ def measure(
 ) -> dict[str, str]:
     """One row of the table: the model of `shape` in `precision` (fp32 on the CPU, bf16 or nf4 on CUDA)."""
     device = "cpu" if precision == "fp32" else "cuda"
+    log = partial(print, f"[{shape.layers} layers {precision}]", file=sys.stderr, flush=True)
     config = replace(args.engine, model=replace(PRECISIONS[precision], gradient_checkpointing=args.checkpointing))
-    plan = plan_memory(shape, config, config.model.resolved_precision(device), available_bytes(device))
+    available = int(args.memory_gib * 2**30) if args.memory_gib else available_bytes(device)
+    plan = plan_memory(shape, config, config.model.resolved_precision(device), available)
     path = model_dir(args.work_dir, shape, tokenizer, device)
+    log("model built; loading")
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     model, _ = load_causal_lm(path, device=device, settings=config.model)
@@ -157,7 +162,8 @@ def measure(
     forget = encode_items(tokenizer, items.forget, config.max_length)
     retain = encode_items(tokenizer, items.retain, config.max_length)
     bs = config.batch_size
-    per_pass = 1 if device == "cpu" else None  # the shared CPU's 3 GB per process, not its free memory
+    per_pass = plan.fisher_layers_per_pass or None  # as FILA chooses it, from the budget rather than the whole device
+    log("FILA")
     _, fila_s = timed(
         lambda: fisher_weighted_init(peft_model, chunks(forget, bs), chunks(retain, bs), layers_per_pass=per_pass),
         device,
@@ -179,16 +185,19 @@ def measure(
         _summed_step(peft_model, objective, obj_params, f, r)
         optimizer.step()
 
+    log(f"FILA {fila_s:.0f} s; training")
     step()  # warm-up
     real = padded = 0
     _, train_s = timed(lambda: [step() for _ in range(args.steps)], device)
     step_s, tokens = train_s / args.steps, real / args.steps
 
+    log(f"{step_s:.1f} s a step; a stopping-rule check")
     sets = _evaluation_sets(tokenizer, items, config)
     _, check_s = timed(lambda: evaluate(_evaluation(peft_model, sets, config), CURVE_METRICS), device)
     _, lazy_s = timed(lambda: evaluate(_evaluation(peft_model, sets, config), ("forget_ma", "retain_ppl")), device)
     measured_peak = peak_bytes(device)
 
+    log(f"check {check_s:.1f} s, {lazy_s:.1f} s without EL; fusion")
     fusion = FusionSettings()
     names = [name for name in lora_layers(peft_model.get_base_model()) if _layer(name) < args.fusion_layers]
 
@@ -253,6 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
     p.add_argument("--fusion-layers", type=int, default=1, help="decoder layers fused and published (x layers)")
     p.add_argument("--job", action="store_true", help="also time a whole unlearn() call")
+    p.add_argument("--memory-gib", type=float, default=0, help="memory budget (0: the device's free memory)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--work-dir", type=Path, default=Path("var/bench/scale"))
     args = p.parse_args(argv)
