@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -63,14 +63,9 @@ SHAPES = {  # Llama 3.2 1B and Llama 3 8B
 PRECISIONS = {"fp32": ModelSettings(precision="fp32"), "bf16": ModelSettings(precision="bf16"),
               "nf4": ModelSettings(quantization="nf4")}  # fmt: skip
 DATASHEET_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}  # dense, no sparsity
-Log = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class Row:
-    shape: str
-    precision: str
-    cells: dict[str, str]
+COLUMNS = ("layers", "peak GiB plan / measured", "s/step", "tokens/step (padding)", "tokens/s", "MFU",
+           "s/check EL / MA+ppl", "check / training between checks", "FILA s", "fusion s", "state GB/job",
+           "publish s")  # fmt: skip
 
 
 def model_dir(work_dir: Path, shape: ModelShape, tokenizer: PreTrainedTokenizerBase, device: str) -> Path:
@@ -226,9 +221,9 @@ def measure(
         "s/check EL / MA+ppl": f"{check_s:.1f} / {lazy_s:.1f}",
         "check / training between checks": f"{ratio['el']:.2f} / {ratio['lazy']:.2f}",
         "FILA s": f"{fila_s:.1f}",
-        f"fusion s (x{scale:g})": f"{fusion_s * scale:.1f}",
+        "fusion s": f"{fusion_s * scale:.1f}",
         "state GB/job": f"{state_bytes * scale / 1e9:.1f}",
-        f"publish s (x{scale:g})": f"{publish_s * scale:.1f}",
+        "publish s": f"{publish_s * scale:.1f}",
     }
     if args.job:
         cells["job s (steps, stop)"] = job_seconds(path, items, config, device)
@@ -280,37 +275,36 @@ def main(argv: list[str] | None = None) -> None:
     cuda = torch.cuda.is_available()
     peaks = {"cpu": peak_flops("cpu", args.threads)} | ({"cuda": peak_flops("cuda", args.threads)} if cuda else {})
 
-    rows = []
+    columns = [*COLUMNS, "job s (steps, stop)"] if args.job else list(COLUMNS)
+    print_header(columns, args, peaks)
     for spec in args.rows.split(","):
         name, precision = spec.split(":")
         shape = SHAPES[name]
         if precision == "fp32" and args.cpu_layers:
             shape = replace(shape, layers=args.cpu_layers)
         if precision != "fp32" and not cuda:
-            rows.append(Row(name, precision, {"layers": str(shape.layers), "peak GiB plan / measured": "needs CUDA"}))
-            continue
-        device = "cpu" if precision == "fp32" else "cuda"
-        rows.append(Row(name, precision, measure(shape, precision, items, tokenizer, args, peaks[device][0])))
-        if cuda:
-            torch.cuda.empty_cache()
-    print_table(rows, args, peaks)
+            cells = {"layers": str(shape.layers), "peak GiB plan / measured": "needs CUDA"}
+        else:
+            device = "cpu" if precision == "fp32" else "cuda"
+            cells = measure(shape, precision, items, tokenizer, args, peaks[device][0])
+            if cuda:
+                torch.cuda.empty_cache()
+        print(f"| {name} | {precision} | " + " | ".join(cells.get(c, "") for c in columns) + " |", flush=True)
 
 
-def print_table(rows: list[Row], args: argparse.Namespace, peaks: dict[str, tuple[float, str]]) -> None:
-    columns = list(dict.fromkeys(column for row in rows for column in row.cells))
-    print(
-        f"# bench.scale on {platform.node()} ({platform.processor() or platform.machine()}), torch {torch.__version__}"
-    )
+def print_header(columns: list[str], args: argparse.Namespace, peaks: dict[str, tuple[float, str]]) -> None:
+    """The table's context (machine, peak FLOP/s, engine settings) and its header; rows follow as they are measured."""
+    machine = platform.processor() or platform.machine()
+    print(f"# bench.scale on {platform.node()} ({machine}), torch {torch.__version__}")
     print(f"# peak FLOP/s: {'; '.join(label for _, label in peaks.values())}")
     e = args.engine
     print(f"# engine: {e.method}, rank {e.adapter.rank}, {e.adapter.init} init, batch {e.batch_size}+{e.batch_size} "
           f"rows, max_length {e.max_length}, eval_every {e.eval_every}, {args.forget_items} forget records, "
           f"retain sample {e.retain_eval_items}, eval batch {e.eval_batch_size}, "
-          f"checkpointing {args.checkpointing}")  # fmt: skip
+          f"checkpointing {args.checkpointing}; fusion and publish: {args.fusion_layers} layer(s) timed, "
+          "times the layer count")  # fmt: skip
     print("| shape | precision | " + " | ".join(columns) + " |")
-    print("|---|---|" + "---|" * len(columns))
-    for row in rows:
-        print(f"| {row.shape} | {row.precision} | " + " | ".join(row.cells.get(c, "") for c in columns) + " |")
+    print("|---|---|" + "---|" * len(columns), flush=True)
 
 
 if __name__ == "__main__":
