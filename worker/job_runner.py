@@ -9,6 +9,7 @@ An unmerge job takes one earlier job back out of the fused adapter and publishes
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from functools import partial
 
 from app.adapters.service import latest_version
@@ -22,11 +23,13 @@ from worker.engine import (
     ItemSets,
     UnlearnConfig,
     adapter_init,
+    default_device,
     fuse_job,
     load_causal_lm,
     unlearn,
     unmerge_job,
 )
+from worker.engine.memory import check_fits, job_plan
 from worker.job.checkpoints import load_checkpoint, save_checkpoint
 from worker.job.claim import ACTOR, JobInputs, claim
 from worker.job.liveness import JobMonitor, ProgressWriter, set_state
@@ -51,7 +54,11 @@ def current_version(inputs: JobInputs) -> int | None:
 
 def train_and_fuse(inputs: JobInputs, settings: Settings, store: ArtifactStore, monitor: JobMonitor) -> None:
     config, fusion = engine_settings(inputs.config)
-    model, tokenizer = load_causal_lm(inputs.model_path, inputs.tokenizer_path)
+    device = default_device()
+    plan, available = job_plan(inputs.model_path, config, device)
+    log.info("job %s memory plan on %s: %s", inputs.job_id, device, plan.describe())
+    check_fits(plan, available, device)
+    model, tokenizer = load_causal_lm(inputs.model_path, inputs.tokenizer_path, device, config.model)
     progress = ProgressWriter(inputs, settings.progress_interval_seconds)
     resume = load_checkpoint(store, inputs.job_id)
     if resume is not None:
@@ -108,7 +115,9 @@ def unmerge(inputs: JobInputs, settings: Settings, store: ArtifactStore, monitor
     state = previous_state(store, inputs.model_name, parent)
     if state is None or job_key(removed) not in state.jobs:
         raise PublicationRefused(f"job {removed} is not part of the current fused adapter")
-    model, tokenizer = load_causal_lm(inputs.model_path, inputs.tokenizer_path)
+    # the gate runs on the unquantised base, as published adapters are served on it
+    settings = replace(config.model, quantization="none")
+    model, tokenizer = load_causal_lm(inputs.model_path, inputs.tokenizer_path, settings=settings)
     items = ItemSets((), inputs.retain_items, inputs.holdout_items, inputs.held_sets)
     fused = unmerge_job(model, tokenizer, state, job_key(removed), items, config, fusion)
     metrics = version_metrics(fused, config, fusion)

@@ -16,11 +16,11 @@ from worker.engine.evaluation import (
     auc,
     evaluate,
     extraction,
-    greedy_generate,
     ngram_overlap,
     repetition_rate,
     score_items,
 )
+from worker.engine.generation import greedy_generate
 
 VOCAB = 12
 

@@ -171,3 +171,19 @@ def test_fila_refuses_to_initialise_twice():
     peft_model = fila_adapted(tiny_llama())
     with pytest.raises(ValueError, match="already"):
         fisher_weighted_init(peft_model, token_batches(seed=1), token_batches(seed=2))
+
+
+def test_fila_one_decoder_layer_per_fisher_pass_gives_the_one_pass_factors():
+    forget, retain = token_batches(seed=1), token_batches(seed=2, n_batches=3)
+    together, layer_by_layer = attach_adapter(tiny_llama(), SETTINGS), attach_adapter(tiny_llama(), SETTINGS)
+    fisher_weighted_init(together, forget, retain, layers_per_pass=2)
+    fisher_weighted_init(layer_by_layer, forget, retain, layers_per_pass=1)
+    pairs = zip(lora_layers(together).values(), lora_layers(layer_by_layer).values(), strict=True)
+    for one_pass, per_layer in pairs:
+        for expected, got in zip(init_factors(one_pass), init_factors(per_layer), strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_layer_passes_group_linears_by_decoder_layer():
+    names = [f"model.layers.{i}.{m}" for i in range(3) for m in ("q_proj", "up_proj")]
+    assert fila.layer_passes(names, 2) == [names[:4], names[4:]]

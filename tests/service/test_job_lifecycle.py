@@ -196,3 +196,18 @@ def test_reconciliation_recovers_a_lost_job_and_fails_it_after_its_attempts(queu
         ).all()
     assert job_and_request_states(queued_job)[:2] == ("failed", ["pending"])
     assert events[-1] == "job.failed" and "job.queued" in events
+
+
+def test_a_job_too_large_for_the_device_fails_before_loading_naming_the_setting(queued_job, settings):
+    from app.core.db import session_scope
+    from app.jobs.models import UnlearningJob
+    from worker.job_runner import run_job
+
+    with session_scope() as session:
+        job = session.get(UnlearningJob, queued_job)
+        job.config = {**job.config, "batch_size": 10**6, "max_length": 10**5}
+        session.commit()
+    run_job(queued_job, settings)
+    with session_scope() as session:
+        error = session.get(UnlearningJob, queued_job).error
+    assert error.startswith("JobTooLarge: the job needs") and "lower batch_size or max_length" in error

@@ -4,6 +4,7 @@ from worker.engine.adapters import AdapterSettings
 from worker.engine.data import ItemSets
 from worker.engine.evaluation import METRICS
 from worker.engine.inits import adapter_init
+from worker.engine.loading import ModelSettings, default_device, load_causal_lm
 from worker.engine.objectives import OBJECTIVES, get_objective
 from worker.engine.sequential import (
     FUSION_STATE_FILE,
@@ -16,7 +17,7 @@ from worker.engine.sequential import (
     unmerge_job,
     verify_model,
 )
-from worker.engine.training import Progress, UnlearnConfig, UnlearnResult, load_causal_lm, unlearn
+from worker.engine.training import Progress, UnlearnConfig, UnlearnResult, unlearn
 
 __all__ = [
     "FUSION_STATE_FILE",
@@ -26,11 +27,13 @@ __all__ = [
     "FusedVersion",
     "FusionSettings",
     "ItemSets",
+    "ModelSettings",
     "Progress",
     "UnlearnConfig",
     "UnlearnResult",
     "Verification",
     "adapter_init",
+    "default_device",
     "fuse_job",
     "fuse_state",
     "get_objective",

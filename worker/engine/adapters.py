@@ -40,7 +40,8 @@ def attach_adapter(model: PreTrainedModel, settings: AdapterSettings) -> PeftMod
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    # autocast_adapter_dtype: on a bf16 (or 4-bit) base the LoRA weights are fp32 masters, cast per matmul
+    return get_peft_model(model, config, autocast_adapter_dtype=True)
 
 
 def lora_layers(module: nn.Module) -> dict[str, LoraLinear]:
@@ -54,11 +55,41 @@ def record_init_factors(layer: LoraLinear, b0: Tensor, a0: Tensor) -> None:
     layer.register_buffer(_INIT_A, a0.detach().clone(), persistent=False)
 
 
+def dense_weight(linear: nn.Module) -> Tensor:
+    """A base Linear's weight in fp32; a bitsandbytes 4-bit weight dequantised (bitsandbytes' own dequantize_4bit)."""
+    weight = linear.weight
+    if getattr(weight, "quant_state", None) is None:
+        return weight.float()
+    from bitsandbytes.functional import dequantize_4bit  # the optional [cuda] extra; only 4-bit bases get here
+
+    return dequantize_4bit(weight.data, weight.quant_state).float()
+
+
+@torch.no_grad()
+def set_dense_weight(linear: nn.Module, value: Tensor) -> None:
+    """Write `value` into a base Linear's weight: rounded to its dtype, or re-quantised for a 4-bit weight."""
+    weight = linear.weight
+    if getattr(weight, "quant_state", None) is None:
+        weight.copy_(value)
+        return
+    import bitsandbytes as bnb
+
+    linear.weight = bnb.nn.Params4bit(
+        value.to(weight.quant_state.dtype),
+        requires_grad=False,
+        blocksize=weight.blocksize,
+        compress_statistics=weight.compress_statistics,
+        quant_type=weight.quant_type,
+        quant_storage=weight.quant_storage,
+        module=linear,
+    ).to(weight.device)  # Params4bit quantises when moved to the GPU
+
+
 @torch.no_grad()
 def shift_base_weight(layer: LoraLinear, adapter: str, b0: Tensor, a0: Tensor) -> None:
     """Move s*B0@A0 out of the layer's base weight (W <- W - s*B0@A0) and keep B0, A0: FILA's initialisation."""
     base, s = layer.get_base_layer(), layer.scaling[adapter]
-    base.weight.copy_(base.weight.float() - s * (b0.float() @ a0.float()))
+    set_dense_weight(base, dense_weight(base) - s * (b0.float() @ a0.float()))
     record_init_factors(layer, b0, a0)
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from worker.engine.data import IGNORE_INDEX, Batch, chunks, extraction_prefix_lengths, to_device
+from worker.engine.generation import greedy_generate
 from worker.engine.objectives import token_logprobs
 
 MIN_K_FRACTION = 0.2  # Min-K% Prob attack with k = 20% (Shi et al. 2024)
@@ -87,26 +88,6 @@ def _score_chunk(model: nn.Module, batch: Batch) -> tuple[Tensor, ...]:
 # ---- greedy generation ----------------------------------------------------------------------------------------
 
 
-def greedy_generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, steps: int) -> Tensor:
-    """`steps` greedy tokens after each left-padded prompt [R, steps], decoded together with a KV cache."""
-    with inference(model):
-        position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
-        tokens = [out.logits[:, -1].argmax(-1, keepdim=True)]
-        for _ in range(steps - 1):
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(input_ids), 1)], dim=1)
-            position_ids = position_ids[:, -1:] + 1
-            out = model(
-                input_ids=tokens[-1],
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                past_key_values=out.past_key_values,
-                use_cache=True,
-            )
-            tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
-    return torch.cat(tokens, dim=1)
-
-
 def greedy_continuations(model: nn.Module, batch: Batch, rows: Tensor, cuts: Tensor, batch_size: int) -> Tensor:
     """Greedy continuation of item `rows[i]` from its first `cuts[i]` tokens, as long as the item's true
     continuation [N, M]: -1 past each one's end, M the longest; batch_size prompts decoded together."""
@@ -121,7 +102,8 @@ def greedy_continuations(model: nn.Module, batch: Batch, rows: Tensor, cuts: Ten
         source = torch.arange(width)[None, :] - (width - cut)[:, None]
         prompt_mask = (source >= 0).long()
         prompt = ids.gather(1, source.clamp(min=0)) * prompt_mask
-        generated = greedy_generate(model, prompt.to(device), prompt_mask.to(device), int(size.max())).cpu()
+        with inference(model):
+            generated = greedy_generate(model, prompt.to(device), prompt_mask.to(device), int(size.max())).cpu()
         beyond = torch.arange(generated.shape[1])[None, :] >= size[:, None]
         out[part, : generated.shape[1]] = generated.masked_fill(beyond, -1)
     return out

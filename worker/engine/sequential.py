@@ -33,6 +33,7 @@ from worker.engine.fusion import (
     remove_job,
     save_fusion_state,
 )
+from worker.engine.loading import ModelSettings, is_quantized, load_causal_lm
 from worker.engine.settings import settings_from_dict
 from worker.engine.training import UnlearnConfig, UnlearnResult, _evaluation, _evaluation_sets, unlearn
 
@@ -109,7 +110,11 @@ def original_base(peft_model: PeftModel) -> PreTrainedModel:
 
     FILA's shift of a base weight to W - s*B0@A0 is undone by adding s*B0@A0 back, computed as FILA computed it,
     so W comes back exactly up to one rounding to the weight's dtype; the LoRA layers are then unloaded.
+    A 4-bit base cannot be shifted back exactly: the original bf16 base is loaded again from its path instead.
     """
+    base = peft_model.get_base_model()
+    if is_quantized(base):
+        return load_causal_lm(base.name_or_path, device=str(peft_model.device), settings=ModelSettings("bf16"))[0]
     adapter = peft_model.active_adapter
     with torch.no_grad():
         for layer in lora_layers(peft_model).values():
