@@ -20,6 +20,7 @@ from worker.engine import (
     UnlearnResult,
     adapter_init,
     load_causal_lm,
+    training,
     unlearn,
 )
 from worker.engine.adapters import attach_adapter
@@ -153,7 +154,7 @@ def test_should_stop_cancels_between_steps(demo: Demo) -> None:
 
 
 def testcommon_descent_step_does_not_ascend_either_objective(demo: Demo) -> None:
-    """MGDA's min-norm point d of the gradients' convex hull has d . g >= ||d||^2 for every gradient g."""
+    """MGDA's min-norm point d of the unit gradients' convex hull has d . g >= ||d||^2 ||g|| for every gradient g."""
     model, tokenizer = load_causal_lm(demo.model_dir, device="cpu")
     model = attach_adapter(model, AdapterSettings(init="default"))
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -167,7 +168,28 @@ def testcommon_descent_step_does_not_ascend_either_objective(demo: Demo) -> None
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         term(LossInputs(logits, batch["labels"]), {"retain_weight": 1.0}).backward()
         gradient = torch.cat([p.grad.reshape(-1) for p in trainable])
-        assert direction @ gradient >= (direction @ direction) * (1 - 1e-3)
+        assert direction @ gradient >= (direction @ direction) * gradient.norm() * (1 - 1e-3)
+
+
+def test_eul_alternation_trains_every_forget_batch(
+    demo: Demo, tiny_demo_model, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Forget and retain steps alternate, and the forget steps still take whole passes over the forget rows."""
+    forget = read_jsonl(tiny_demo_model.forget_candidates)[:4]
+    trained: list[tuple[int, ...]] = []
+    alternating_step = training._alternating_step
+
+    def recording_step(model, objective, params, f, r):  # noqa: ANN001, ANN202
+        if f:
+            trained.append(tuple(f["input_ids"][0][f["attention_mask"][0] == 1].tolist()))
+        return alternating_step(model, objective, params, f, r)
+
+    monkeypatch.setattr(training, "_alternating_step", recording_step)
+    model, tokenizer = load_causal_lm(demo.model_dir, device="cpu")
+    config = UnlearnConfig.from_dict(COMMON | {"method": "eul", "batch_size": 1, "max_steps": 8, "eval_every": 8})
+    unlearn(model, tokenizer, ItemSets(forget, demo.retain, demo.holdout), config)
+    assert len(trained) == 4  # steps 1, 3, 5, 7
+    assert len(set(trained)) == 4  # one pass: each forget row once
 
 
 # ---- configuration ----------------------------------------------------------------------------------------------
@@ -200,6 +222,11 @@ def test_config_round_trips_through_json() -> None:
         {"max_steps": 10.5},
         {"adapter": {"rank": "8"}},
         {"method": "npo", "params": {"beta": "0.1"}},
+        {"retain_focus": 1.5},
+        {"retain_dual_step": -1.0},
+        {"retain_bound": 0.99},
+        {"method": "eul", "retain_dual_step": 1.0},
+        {"method": "uce", "mgda": True, "retain_dual_step": 1.0},
     ],
 )
 def test_config_rejects_unknown_keys_and_invalid_values(bad: dict[str, Any]) -> None:

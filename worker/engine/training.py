@@ -8,9 +8,10 @@ retain perplexity first rises past the tolerance, the caller cancels, or the ste
 from __future__ import annotations
 
 import copy
+import math
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,11 +32,13 @@ from worker.engine.adapters import (
 from worker.engine.data import Batch, ItemSets, chunks, encode_items, iterate_batches, select_rows, to_device
 from worker.engine.evaluation import Evaluation, evaluate
 from worker.engine.inits import ADAPTER_INITS, AdapterInit
-from worker.engine.mgda import min_norm_weights
-from worker.engine.objectives import OBJECTIVES, LossInputs, Objective, get_objective, retain_nll
+from worker.engine.mgda import common_descent_direction
+from worker.engine.objectives import OBJECTIVES, LossInputs, Objective, get_objective, retain_nll, token_nll
+from worker.engine.retain import DualRetainWeight, focused_batches, mean_hidden_states, nearest_rows
 from worker.engine.settings import check_types, settings_from_dict
 
 MGDA_METHODS = ("uce", "ihl", "ga")
+NEAREST_PER_FORGET_ROW = 4  # with retain_focus: the pool of same-template retain rows, per forget row
 CURVE_METRICS = ("forget_ma", "forget_el", "retain_ppl")
 REPORT_METRICS = (
     "forget_ma", "forget_el", "forget_nll", "forget_verbatim", "forget_repetition",
@@ -57,6 +60,9 @@ class UnlearnConfig:
     max_length: int = 256
     el_n: int = 10  # n of EL_n (Jang et al. 2022 use 10)
     retain_ppl_tolerance: float = 1.5  # stop when retain perplexity exceeds this multiple of its value before
+    retain_focus: float = 0.0  # share of each retain batch drawn from the retain rows nearest the forget rows
+    retain_dual_step: float = 0.0  # PDU's dual ascent step on the retain weight (0: the objective's fixed weight)
+    retain_bound: float = 1.02  # with the dual: retain perplexity per batch at most this multiple of the original's
     retain_eval_items: int = 64  # retain items (and general text items) sampled for perplexity
     eval_batch_size: int = 32  # rows per teacher-forced evaluation pass
     generation_batch_size: int = 256  # prompts decoded together for extraction metrics
@@ -81,6 +87,12 @@ class UnlearnConfig:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
         if not self.retain_ppl_tolerance >= 1:
             raise ValueError(f"retain_ppl_tolerance is a ratio >= 1, got {self.retain_ppl_tolerance}")
+        if not 0 <= self.retain_focus <= 1:
+            raise ValueError(f"retain_focus is a share in [0, 1], got {self.retain_focus}")
+        if not self.retain_dual_step >= 0 or not self.retain_bound >= 1:
+            raise ValueError("retain_dual_step must be >= 0 and retain_bound a ratio >= 1")
+        if self.retain_dual_step and (self.mgda or get_objective(self.method).alternate):
+            raise ValueError("the retain dual weight applies to summed steps, not to mgda or alternating methods")
         self.objective_params()
 
     def objective_params(self) -> dict[str, float]:
@@ -143,6 +155,7 @@ class Checkpoint:
     target: dict[str, float]
     metrics_before: dict[str, float]
     items_before: list[dict[str, float]]
+    retain_dual: float = 0.0  # DualRetainWeight.value
 
     def save(self, path: Path) -> None:
         torch.save(asdict(self), path)
@@ -193,7 +206,6 @@ def unlearn(
     retain = encode_items(tokenizer, items.retain, config.max_length)
     sets = _evaluation_sets(tokenizer, items, config)
     forget_batches = iterate_batches(forget, config.batch_size, generator)
-    retain_batches = iterate_batches(retain, config.batch_size, generator)
 
     if isinstance(model, PeftModel):
         if not any(p.requires_grad for p in model.parameters()):
@@ -207,6 +219,8 @@ def unlearn(
             if resume is None:
                 retain_chunks = chunks(select_rows(retain, retain_rows), config.batch_size)
                 init(model, chunks(forget, config.batch_size), retain_chunks)
+    retain_batches = _retain_batches(model, forget, retain, config, generator)
+    dual = DualRetainWeight(math.log(config.retain_bound), config.retain_dual_step) if config.retain_dual_step else None
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
 
@@ -223,8 +237,10 @@ def unlearn(
         optimizer.load_state_dict(resume.optimizer)
         metrics_before, items_before, target = resume.metrics_before, resume.items_before, resume.target
         curve, step = list(resume.curve), resume.step
-        for _ in range(step):  # the batches the stopped run already trained on
-            next(forget_batches), next(retain_batches)
+        if dual is not None:
+            dual.value = resume.retain_dual
+        for done in range(1, step + 1):  # the batches the stopped run already trained on
+            _next_batches(objective, done, forget_batches, retain_batches)
     ppl_limit = config.retain_ppl_tolerance * metrics_before["retain_ppl"]
     report(Progress(step, config.max_steps, "baseline", metrics_before))
 
@@ -232,7 +248,16 @@ def unlearn(
         if on_checkpoint is not None:
             state = copy.deepcopy(optimizer.state_dict())
             on_checkpoint(
-                Checkpoint(step, trainable_state(model), state, list(curve), target, metrics_before, items_before)
+                Checkpoint(
+                    step,
+                    trainable_state(model),
+                    state,
+                    list(curve),
+                    target,
+                    metrics_before,
+                    items_before,
+                    dual.value if dual is not None else 0.0,
+                )
             )
 
     started = time.monotonic() - curve[-1]["seconds"]
@@ -245,13 +270,13 @@ def unlearn(
         step += 1
         model.train()
         optimizer.zero_grad(set_to_none=True)
-        f, r = to_device(next(forget_batches), model.device), to_device(next(retain_batches), model.device)
+        f, r = (to_device(b, model.device) for b in _next_batches(objective, step, forget_batches, retain_batches))
         if config.mgda:
             loss = common_descent_step(model, objective, params, f, r, trainable)
         elif objective.alternate:
-            loss = _alternating_step(model, objective, params, f, r, step)
+            loss = _alternating_step(model, objective, params, f, r)
         else:
-            loss = _summed_step(model, objective, params, f, r)
+            loss = _summed_step(model, objective, params, f, r, dual)
         optimizer.step()
 
         if step % config.eval_every == 0 or step == config.max_steps:
@@ -336,22 +361,58 @@ def _loss_inputs(model: PeftModel, batch: Batch, needs_ref: bool) -> LossInputs:
     return LossInputs(logits=model(**inputs).logits, labels=batch["labels"], ref_logits=ref_logits)
 
 
-def _summed_step(model: PeftModel, objective: Objective, params: Mapping[str, float], f: Batch, r: Batch) -> float:
-    """L = forget term on F + retain term on R; each term backpropagated as soon as it is computed."""
+def _summed_step(
+    model: PeftModel,
+    objective: Objective,
+    params: Mapping[str, float],
+    f: Batch,
+    r: Batch,
+    dual: DualRetainWeight | None = None,
+) -> float:
+    """L = forget term on F + retain term on R (+ lambda * NLL(R) with the dual); each term backpropagated as soon
+    as it is computed."""
     loss = objective.forget(_loss_inputs(model, f, objective.forget_needs_ref), params)
     loss.backward()
-    if objective.retain is not None:
-        retain_loss = objective.retain(_loss_inputs(model, r, objective.retain_needs_ref), params)
-        retain_loss.backward()
-        loss = loss + retain_loss
-    return loss.item()
+    if objective.retain is None and dual is None:
+        return loss.item()
+    x = _loss_inputs(model, r, objective.retain_needs_ref or dual is not None)
+    retain_loss = objective.retain(x, params) if objective.retain is not None else torch.zeros(())
+    if dual is not None:
+        nll = token_nll(x.logits, x.labels)
+        retain_loss = retain_loss + dual.value * nll
+        dual.update(nll.item(), token_nll(x.ref_logits, x.labels).item())
+    retain_loss.backward()
+    return (loss + retain_loss).item()
 
 
-def _alternating_step(
-    model: PeftModel, objective: Objective, params: Mapping[str, float], f: Batch, r: Batch, step: int
-) -> float:
-    """EUL (Chen & Yang 2023): odd steps train the forget term on F, even steps the retain term on R."""
+def _retain_batches(
+    model: PeftModel, forget: Batch, retain: Batch, config: UnlearnConfig, generator: torch.Generator
+) -> Iterator[Batch]:
+    """Uniform retain batches, or, with config.retain_focus, a share of each from the retain rows nearest the forget
+    rows (NEAREST_PER_FORGET_ROW per forget row) in the original model's hidden space."""
+    if not config.retain_focus:
+        return iterate_batches(retain, config.batch_size, generator)
+    with reference_model(model):
+        states = [mean_hidden_states(model, batch, config.eval_batch_size) for batch in (retain, forget)]
+    near = nearest_rows(*states, k=NEAREST_PER_FORGET_ROW * forget["input_ids"].shape[0])
+    return focused_batches(retain, near, config.batch_size, config.retain_focus, generator)
+
+
+def _next_batches(
+    objective: Objective, step: int, forget_batches: Iterator[Batch], retain_batches: Iterator[Batch]
+) -> tuple[Batch, Batch]:
+    """The forget and retain batches of step `step`. An alternating objective trains one side per step: it draws
+    only that side's batch (the other comes back empty), so every forget batch is trained, none skipped."""
+    if not objective.alternate:
+        return next(forget_batches), next(retain_batches)
     if step % 2 == 1:
+        return next(forget_batches), {}
+    return {}, next(retain_batches)
+
+
+def _alternating_step(model: PeftModel, objective: Objective, params: Mapping[str, float], f: Batch, r: Batch) -> float:
+    """EUL (Chen & Yang 2023): a step with a forget batch trains the forget term on F, one without the retain term."""
+    if f:
         loss = objective.forget(_loss_inputs(model, f, objective.forget_needs_ref), params)
     else:
         loss = objective.retain(_loss_inputs(model, r, objective.retain_needs_ref), params)
@@ -367,14 +428,14 @@ def common_descent_step(
     r: Batch,
     trainable: list[nn.Parameter],
 ) -> float:
-    """MOLLM (Pan et al. 2024): .grad = the min-norm convex combination of the objectives' gradients."""
+    """MOLLM (Pan et al. 2024): .grad = the min-norm convex combination of the objectives' unit gradients."""
     retain_term = objective.retain or retain_nll
     losses = [
         objective.forget(_loss_inputs(model, f, objective.forget_needs_ref), params),
         retain_term(_loss_inputs(model, r, objective.retain_needs_ref), params),
     ]
     grads = [_flat_grad(loss, trainable) for loss in losses]
-    direction = torch.stack(grads).T @ min_norm_weights(grads)
+    direction = common_descent_direction(grads)
     for p, g in zip(trainable, direction.split([p.numel() for p in trainable]), strict=True):
         p.grad = g.view_as(p).to(p.dtype)
     return sum(losses).item()
