@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from worker.engine.data import Batch, chunks, select_rows, to_device
+from worker.engine.data import Batch, chunks, iterate_rows, select_rows, to_device
 
 
 @torch.no_grad()
@@ -48,9 +48,9 @@ def focused_batches(
 
 
 def _endless(rows: Tensor, generator: torch.Generator) -> Iterator[int]:
-    """The rows in a seeded order, reshuffled every pass."""
-    while True:
-        yield from rows[torch.randperm(rows.shape[0], generator=generator)].tolist()
+    """The rows one at a time in a seeded order, reshuffled every pass."""
+    for index in iterate_rows(rows.shape[0], 1, generator):
+        yield int(rows[index])
 
 
 @dataclass
