@@ -373,9 +373,12 @@ def _scaled_retain(params: Mapping[str, float], retain_scale: float) -> dict[str
 
 def _not_at_target(rows: Tensor, at_target: list[int], n: int, batch_size: int) -> Tensor:
     """Per-item stopping: the drawn rows not at their target; when all of them are, the first `batch_size` rows
-    that are not (no extra draw, so a resumed run sees the same batches)."""
+    that are not (no extra draw, so a resumed run sees the same batches); when every item is (the run goes on only
+    for a broken constraint), the drawn rows."""
     done = torch.zeros(n, dtype=torch.bool)
     done[at_target] = True
+    if done.all():
+        return rows
     left = rows[~done[rows]]
     return left if len(left) else (~done).nonzero()[:batch_size, 0]
 
