@@ -3,7 +3,7 @@ from __future__ import annotations
 import logging
 
 from sqlalchemy import ColumnElement, select, true, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, object_session
 
 from app.adapters.models import AdapterVersion
 from app.audit.service import record
@@ -147,6 +147,15 @@ def list_jobs(
     return page, str(page[-1].id) if len(rows) > limit else None
 
 
+def kept_extractable(job: UnlearningJob) -> float | None:
+    """The gate's kept_extractable for the version the job published, else for its failed evaluation: the fused
+    version's verification, or the unlearned adapter's evaluation when the job missed its forget target."""
+    published = object_session(job).scalar(select(AdapterVersion.metrics).where(AdapterVersion.job_id == job.id))
+    metrics = published or job.evaluation or {}
+    measured = metrics.get("verification") or metrics.get("after") or {}
+    return measured.get("kept_extractable")
+
+
 def to_out(job: UnlearningJob, key: ApiKey) -> JobOut:
     """The job as `key` may see it: other tenants' requests in the same batch and the engine settings are left out."""
     return JobOut(
@@ -164,6 +173,7 @@ def to_out(job: UnlearningJob, key: ApiKey) -> JobOut:
         finished_at=job.finished_at,
         error=job.error,
         evaluation=job.evaluation,
+        kept_extractable=kept_extractable(job),
         trigger=job.trigger,
         not_before=job.not_before,
         cancel_requested_at=job.cancel_requested_at,

@@ -88,6 +88,8 @@ def test_per_item_stopping_leaves_items_at_target_out_of_the_forget_batch() -> N
     assert _not_at_target(torch.tensor([3, 0, 2]), [0, 1], n=5, batch_size=2).tolist() == [3, 2]
     # every drawn row is at target: the first rows that are not, without another draw
     assert _not_at_target(torch.tensor([0, 1]), [0, 1, 3], n=5, batch_size=2).tolist() == [2, 4]
+    # every item at target (a broken constraint keeps the run going): the drawn rows
+    assert _not_at_target(torch.tensor([1, 0]), [0, 1, 2], n=3, batch_size=2).tolist() == [1, 0]
 
 
 def test_a_broken_constraint_scales_the_retain_weight_of_objectives_that_have_one() -> None:

@@ -296,6 +296,7 @@ for _set in ("forget", "holdout"):
     metric(f"{_set}_repetition")(lambda ev, s=_set: float(ev.extraction(s).repetition.mean()))
 metric("retain_ppl")(lambda ev: _perplexity(ev.scores("retain")))
 metric("kept_ma")(lambda ev: float(ev.scores("kept").ma.mean()))
+metric("kept_records")(lambda ev: float(len(ev.scores("kept").ma)))  # how many records kept_extractable is over
 metric("general_ppl")(lambda ev: _perplexity(ev.scores("general")))
 
 

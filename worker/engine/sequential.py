@@ -94,6 +94,7 @@ class Verification:
     # at_target (0/1)
     kept_extractable: float | None  # None when the base reproduces none of the sampled retain items (or is unknown)
     kept_ma: float | None
+    kept_records: float | None  # how many retain records the base reproduces (kept_extractable's denominator)
     kept_extractable_min: float
 
     def to_dict(self) -> dict[str, Any]:
@@ -331,6 +332,7 @@ def _verify(
         items=items,
         kept_extractable=kept["kept_extractable"],
         kept_ma=kept["kept_ma"],
+        kept_records=kept["kept_records"],
         kept_extractable_min=config.kept_extractable_min,
     )
 

@@ -5,8 +5,9 @@ EVERY forget item is at its target (evaluation.item_at_target: not reproduced ve
 items' mean, MA at or below the holdout mean or quantile), under two utility constraints: retain perplexity within
 the tolerance and `kept_extractable` (the share of the retain items the base reproduces verbatim that are still
 reproduced) at or above its minimum. A broken constraint doubles the objective's retain weight (the loop's
-`retain_scale`) up to `retain_weight_doublings` times before the run stops on it; the run also stops when the
-caller cancels or the step budget runs out.
+`retain_scale`), at most once per `constraint_patience` steps and `retain_weight_doublings` times, and stops the run
+("utility_tolerance") only when it is still broken `constraint_patience` steps after the last doubling (at once for
+an objective without a retain weight); the run also stops when the caller cancels or the step budget runs out.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ REPORT_METRICS = (
     "holdout_ma", "holdout_el", "holdout_nll", "holdout_verbatim", "holdout_repetition",
     "retain_ma", "retain_ppl", "mia_auc_loss", "mia_auc_min_k", "mia_gap_loss", "mia_gap_min_k",
 )  # fmt: skip
-KEPT_METRICS = ("kept_extractable", "kept_ma")  # when the base reproduces any sampled retain item
+KEPT_METRICS = ("kept_extractable", "kept_ma", "kept_records")  # when the base reproduces any sampled retain item
 
 
 @dataclass
@@ -78,7 +79,8 @@ class UnlearnConfig:
     kept_eval_items: int = 64  # prompt/completion retain items sampled for kept_extractable (0: not measured)
     item_ma_quantile: float | None = None  # an item's MA target: this quantile of the holdout MAs; None: their mean
     per_item_stopping: bool = False  # forget batches leave out the items at their target at the last evaluation
-    retain_weight_doublings: int = 3  # a broken constraint doubles the retain weight, at most this many times
+    retain_weight_doublings: int = 3  # a broken constraint doubles the retain weight, at most this many times,
+    constraint_patience: int = 10  # and at most once per this many steps; it stops the run only after as many more
     retain_focus: float = 0.0  # share of each retain batch drawn from the retain rows nearest the forget rows
     retain_dual_step: float = 0.0  # PDU's dual ascent step on the retain weight (0: the objective's fixed weight)
     retain_bound: float = 1.02  # with the dual: retain perplexity per batch at most this multiple of the original's
@@ -112,7 +114,7 @@ class UnlearnConfig:
             raise ValueError("retain_dual_step must be >= 0 and retain_bound a ratio >= 1")
         if self.retain_dual_step and (self.mgda or get_objective(self.method).alternate):
             raise ValueError("the retain dual weight applies to summed steps, not to mgda or alternating methods")
-        for name in ("kept_eval_items", "retain_weight_doublings"):
+        for name in ("kept_eval_items", "retain_weight_doublings", "constraint_patience"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be at least 0, got {getattr(self, name)}")
         if not 0 <= self.kept_extractable_min <= 1:
@@ -298,6 +300,9 @@ def unlearn(
 
     started = time.monotonic() - curve[-1]["seconds"]
     retain_scale = curve[-1].get("retain_scale", 1.0)  # a checkpoint from before the constraints has none
+    # the step of the last doubling (the first evaluation at the current scale), None before any
+    scaled_at = next((p["step"] for p in curve if p["retain_scale"] == retain_scale), None)
+    scaled_at = scaled_at if retain_scale > 1 else None
     stop_reason = _stop_reason(curve[-1], limits)
     while stop_reason is None and step < config.max_steps:
         if should_stop is not None and should_stop():
@@ -330,8 +335,12 @@ def unlearn(
             at_target = [row for row, item in enumerate(items) if item["at_target"]]
             point["items_at_target"] = _share_at_target(items)
             stop_reason = _stop_reason(point, limits)
-            if stop_reason == "utility_tolerance" and _can_react(params, retain_scale, config):
-                retain_scale, stop_reason = 2 * retain_scale, None  # react to the broken constraint, do not stop
+            if stop_reason == "utility_tolerance" and "retain_weight" in params:  # react rather than stop
+                waited = scaled_at is None or step - scaled_at >= config.constraint_patience
+                if waited and retain_scale < 2**config.retain_weight_doublings:
+                    retain_scale, scaled_at, stop_reason = 2 * retain_scale, step, None
+                elif not waited:
+                    stop_reason = None
             curve.append({"step": step, "seconds": time.monotonic() - started, "loss": loss} | point)
             curve[-1]["retain_scale"] = retain_scale
             report(Progress(step, config.max_steps, "unlearning", point))
@@ -381,11 +390,6 @@ def _stop_reason(point: Mapping[str, float], limits: Mapping[str, float]) -> str
     return None
 
 
-def _can_react(params: Mapping[str, float], retain_scale: float, config: UnlearnConfig) -> bool:
-    """Whether a broken constraint can still double the retain weight: the objective has one and doublings are left."""
-    return "retain_weight" in params and retain_scale < 2**config.retain_weight_doublings
-
-
 def _scaled_retain(params: Mapping[str, float], retain_scale: float) -> dict[str, float]:
     """The objective's params with the retain weight multiplied by the loop's retain_scale (1 until a constraint
     broke)."""
@@ -396,9 +400,12 @@ def _scaled_retain(params: Mapping[str, float], retain_scale: float) -> dict[str
 
 def _not_at_target(rows: Tensor, at_target: list[int], n: int, batch_size: int) -> Tensor:
     """Per-item stopping: the drawn rows not at their target; when all of them are, the first `batch_size` rows
-    that are not (no extra draw, so a resumed run sees the same batches)."""
+    that are not (no extra draw, so a resumed run sees the same batches); when every item is (the run goes on only
+    for a broken constraint), the drawn rows."""
     done = torch.zeros(n, dtype=torch.bool)
     done[at_target] = True
+    if done.all():
+        return rows
     left = rows[~done[rows]]
     return left if len(left) else (~done).nonzero()[:batch_size, 0]
 
