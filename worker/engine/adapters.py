@@ -27,7 +27,7 @@ class AdapterSettings:
     rank: int = 8
     alpha: float = 16.0
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    init: str = "default"  # a name in inits.ADAPTER_INITS, run by `unlearn` with data
+    init: str = "fila"  # a name in inits.ADAPTER_INITS, run by `unlearn` with data
 
 
 def attach_adapter(model: PreTrainedModel, settings: AdapterSettings) -> PeftModel:

@@ -67,7 +67,7 @@ class UnlearnConfig:
     method: str = "ihl"  # a name in objectives.OBJECTIVES
     mgda: bool = False  # MOLLM's common descent direction instead of the summed loss (uce, ihl or ga)
     adapter: AdapterSettings = field(default_factory=AdapterSettings)
-    learning_rate: float = 5e-4  # docs/BENCHMARKS.md, surgical forgetting: 1e-3 lost more kept records
+    learning_rate: float = 1e-3
     max_steps: int = 200
     batch_size: int = 8  # forget rows per step; the retain batch has as many
     eval_every: int = 2  # the stopping rule is checked at each evaluation: frequent checks avoid overshooting
@@ -78,10 +78,10 @@ class UnlearnConfig:
     kept_extractable_min: float = 0.95  # constraint: share of the base's verbatim retain items still verbatim
     kept_eval_items: int = 64  # prompt/completion retain items sampled for kept_extractable (0: not measured)
     item_ma_quantile: float | None = None  # an item's MA target: this quantile of the holdout MAs; None: their mean
-    per_item_stopping: bool = True  # forget batches leave out the items at their target at the last evaluation
+    per_item_stopping: bool = False  # forget batches leave out the items at their target at the last evaluation
     retain_weight_doublings: int = 3  # a broken constraint doubles the retain weight, at most this many times,
     constraint_patience: int = 10  # and at most once per this many steps; it stops the run only after as many more
-    retain_focus: float = 1.0  # share of each retain batch drawn from the retain rows nearest the forget rows
+    retain_focus: float = 0.0  # share of each retain batch drawn from the retain rows nearest the forget rows
     retain_dual_step: float = 0.0  # PDU's dual ascent step on the retain weight (0: the objective's fixed weight)
     retain_bound: float = 1.02  # with the dual: retain perplexity per batch at most this multiple of the original's
     retain_eval_items: int = 64  # retain items (and general text items) sampled for perplexity
