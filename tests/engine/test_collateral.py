@@ -49,6 +49,12 @@ def test_kept_extractable_is_the_share_of_the_bases_verbatim_records_still_repro
     assert after == {"kept_extractable": 0.5, "kept_ma": pytest.approx((1.0 + 0.5) / 2)}
 
 
+def test_kept_extractable_is_an_exact_ratio_for_the_minimum_to_compare_with() -> None:
+    # 19 of 20: a float32 mean gives 0.949999988, which a 0.95 minimum would wrongly refuse
+    sets = {"kept": make_batch([[1, 2, 3, 4]] * 19 + [[7, 8, 9]], [1] * 20)}
+    assert evaluate(Evaluation(FORGOT_ONE, sets, 2, 4, 4), ["kept_extractable"])["kept_extractable"] >= 0.95
+
+
 def test_without_a_record_the_base_reproduces_there_is_no_kept_set() -> None:
     forgetful = successor_model({})
     assert "kept" not in base_extractable(forgetful, {"kept": RETAIN_RECORDS}, CONFIG)

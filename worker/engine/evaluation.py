@@ -316,7 +316,8 @@ def mia_auc_min_k(ev: Evaluation) -> float:
 def kept_extractable(ev: Evaluation) -> float:
     """Collateral damage: of the retain items the base model reproduces verbatim (the "kept" set holds only those),
     the share greedy decoding still reproduces; 1.0 = no kept record lost (Carlini et al. 2021's extraction test)."""
-    return float(ev.scores("kept").verbatim.mean())
+    verbatim = ev.scores("kept").verbatim
+    return int(verbatim.sum()) / len(verbatim)  # an exact ratio: 19 of 20 must compare equal to a 0.95 minimum
 
 
 @metric("mia_gap_loss")
