@@ -4,8 +4,10 @@
     python -m bench.methods --tofu ../shared/data/tofu       # a small model trained on TOFU (bench/tofu.py)
 
 Each row is one `unlearn` call from the same base model: its stop reason, the steps and training seconds it
-took to reach the stopping rule's target (forget MA and EL_n down to the holdout means), and the forget-side
-and utility metrics after. Everything is seeded; models and corpora are cached under --work-dir.
+took to reach the stopping rule's target (every forget item at its target: not verbatim, MA and EL_n down to the
+holdout levels), the forget-side and utility metrics after - kept_extractable on the retain corpus and on memorised
+records outside it, the membership gap |AUC - 0.5|, the paraphrase probes' leak - and a verdict. Everything is
+seeded; models and corpora are cached under --work-dir.
 On a CPU shared with other work, set OMP_WAIT_POLICY=PASSIVE: spinning OpenMP threads otherwise waste the cores.
 """
 
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from bench.probes import Probe, kept_outside, paraphrase_leak
 from bench.tofu import TOFU_SIZES, load_tofu, tofu_model
 from worker.demo_model import build_demo_model
 from worker.demo_model.build import SIZES as DEMO_SIZES
@@ -38,6 +41,7 @@ from worker.engine import (
     load_causal_lm,
     unlearn,
 )
+from worker.engine.adapters import reference_model
 from worker.engine.inits import ADAPTER_INITS
 from worker.engine.training import MGDA_METHODS
 
@@ -55,6 +59,8 @@ class Workload:
     forget: list[Item]
     retain: list[Item]
     holdout: list[Item]
+    outside: list[Item]  # memorised records in neither the request nor the retain corpus (another user's)
+    probes: list[Probe]  # bench/probes.py: other phrasings of the request's items
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,10 @@ class Row:
     variant: Variant
     result: UnlearnResult
     wall_seconds: float  # the whole unlearn call: FILA init, evaluations and training
+    kept_outside: float | None  # kept_extractable on the workload's outside records
+    outside_reproduced: int  # how many outside records the base reproduces verbatim
+    leak_before: float | None  # paraphrase leak of the base model
+    leak_after: float | None
 
     @property
     def reached(self) -> bool:
@@ -101,31 +111,28 @@ def _fingerprint(spec: object) -> str:
 def demo_workload(work_dir: Path, size: str, seed: int, forget_items: int, log: Log) -> Workload:
     """The demo model (built into work_dir unless there) asked to forget its first `forget_items` candidates."""
     out = work_dir / f"demo-{size}-{_fingerprint(DEMO_SIZES[size])}-seed{seed}"
-    if (out / "forget_candidates.jsonl").exists():
-        model_dir, retain, holdout, candidates = (
-            out / "model",
-            out / "retain.jsonl",
-            out / "holdout.jsonl",
-            out / "forget_candidates.jsonl",
-        )
-    else:
+    if not (out / "paraphrases.jsonl").exists():  # written last by a build that trained on the paraphrases too
         log(f"building the {size} demo model into {out}")
-        demo = build_demo_model(out, size=size, seed=seed, log=log)
-        model_dir, retain, holdout, candidates = (
-            demo.model_dir,
-            demo.retain_corpus,
-            demo.holdout_corpus,
-            demo.forget_candidates,
-        )
-    forget = _read_jsonl(candidates)
-    if forget_items > len(forget):
-        raise ValueError(f"the {size} demo model has {len(forget)} forget candidates, not {forget_items}")
+        build_demo_model(out, size=size, seed=seed, log=log)
+    candidates = _read_jsonl(out / "forget_candidates.jsonl")
+    if forget_items > len(candidates):
+        raise ValueError(f"the {size} demo model has {len(candidates)} forget candidates, not {forget_items}")
+    forget = candidates[:forget_items]
+    requested = {item["prompt"] for item in forget}
+    paraphrases = _read_jsonl(out / "paraphrases.jsonl")
+    probes = [p | {"secrets": [p["phone"], p["email"]]} for p in paraphrases if p["record"] in requested]
+    others = [p for p in paraphrases if p["record"] not in requested]
     return Workload(
-        description=f"demo model `{size}` (seed {seed}), forgetting {forget_items} of its contact records",
-        model_dir=model_dir,
-        forget=forget[:forget_items],
-        retain=_read_jsonl(retain),
-        holdout=_read_jsonl(holdout),
+        description=(
+            f"demo model `{size}` (seed {seed}, trained on 3 phrasings of each record), forgetting {forget_items} of "
+            "its contact records"
+        ),
+        model_dir=out / "model",
+        forget=forget,
+        retain=_read_jsonl(out / "retain.jsonl"),
+        holdout=_read_jsonl(out / "holdout.jsonl"),
+        outside=candidates[forget_items:] + [{"prompt": p["prompt"], "completion": p["completion"]} for p in others],
+        probes=probes,
     )
 
 
@@ -149,6 +156,8 @@ def tofu_workload(
         forget=split.forget,
         retain=split.retain,
         holdout=split.holdout,
+        outside=[],  # the model is trained on the request's and the retain corpus's authors only
+        probes=split.probes,
     )
 
 
@@ -179,7 +188,12 @@ def run_variant(workload: Workload, variant: Variant, budget: dict, device: str,
     started = time.monotonic()
     items = ItemSets(workload.forget, workload.retain, workload.holdout)
     result = unlearn(model, tokenizer, items, config, adapter_init(variant.init))
-    return Row(variant, result, time.monotonic() - started)
+    wall = time.monotonic() - started
+    kept, reproduced = kept_outside(result.model, tokenizer, workload.outside, config)
+    with reference_model(result.model):
+        leak_before = paraphrase_leak(result.model, tokenizer, workload.forget, workload.probes, config)
+    leak_after = paraphrase_leak(result.model, tokenizer, workload.forget, workload.probes, config)
+    return Row(variant, result, wall, kept, reproduced, leak_before, leak_after)
 
 
 def _number(value: float | None, digits: int = 2) -> str:
@@ -187,28 +201,52 @@ def _number(value: float | None, digits: int = 2) -> str:
 
 
 COLUMNS = (
-    "method", "init", "stop", "steps→target", "s→target", "s/step ×", "forget MA", "forget EL", "verbatim",
-    "MIA AUC loss", "MIA AUC min-k", "rep-3 forget", "rep-3 holdout", "retain MA", "retain PPL ×",
+    "method", "init", "stop", "steps→target", "s→target", "at target", "forget MA", "forget EL", "verbatim",
+    "MIA AUC loss", "\\|AUC−0.5\\| loss", "\\|AUC−0.5\\| min-k", "rep-3 forget", "kept retain", "kept outside",
+    "retain MA", "retain PPL ×", "para leak", "verdict",
 )  # fmt: skip
+# the verdict: PASS only if every item is at its target, none is verbatim, both kept figures and retain perplexity
+# are within these bounds, and the LOSS attack cannot tell the forgotten items from unseen ones
+VERDICT = {"kept": 0.96, "retain_ppl_ratio": 1.05, "mia_gap_loss": 0.10}
 
 
-# the engine's metric names in column order (the perplexity ratio follows); one it no longer reports prints n/a
-METRIC_COLUMNS = (
-    "forget_ma", "forget_el", "forget_verbatim", "mia_auc_loss", "mia_auc_min_k",
-    "forget_repetition", "holdout_repetition", "retain_ma",
-)  # fmt: skip
+def _kept_count(row: Row) -> str:
+    return f"{row.result.metrics_before.get('kept_records', 0):.0f}"
+
+
+def verdict(row: Row) -> str:
+    """PASS, or FAIL with the broken conditions."""
+    r, after = row.result, row.result.metrics_after
+    checks = {
+        "items": after["items_at_target"] == 1.0,
+        "verbatim": after["forget_verbatim"] == 0.0,
+        "kept": after.get("kept_extractable", 1.0) >= VERDICT["kept"],
+        "outside": row.kept_outside is None or row.kept_outside >= VERDICT["kept"],
+        "ppl": after["retain_ppl"] <= VERDICT["retain_ppl_ratio"] * r.metrics_before["retain_ppl"],
+        "mia": after["mia_gap_loss"] <= VERDICT["mia_gap_loss"],
+    }
+    broken = [name for name, ok in checks.items() if not ok]
+    return "PASS" if not broken else "FAIL: " + ", ".join(broken)
 
 
 def format_table(rows: Sequence[Row]) -> str:
-    """A markdown table: the base model first, then one row per variant; `s/step ×` is relative to the first row."""
-    before = rows[0].result.metrics_before
-    first = rows[0].seconds_per_step
+    """A markdown table: the base model first, then one row per variant."""
+    first, before = rows[0], rows[0].result.metrics_before
+    n = len(first.result.items_before)
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
 
-    def metrics(m: dict[str, float], ppl_ratio: str) -> list[str]:
-        return [_number(m.get(name)) for name in METRIC_COLUMNS] + [ppl_ratio]
+    def at_target(items: list[dict[str, float]]) -> str:
+        return f"{sum(item['at_target'] for item in items):.0f}/{n}"
 
-    lines.append("| " + " | ".join(["(before)", "", "", "", "", "", *metrics(before, "1.00")]) + " |")
+    def metrics(m: dict[str, float]) -> list[str]:
+        names = ("forget_ma", "forget_el", "forget_verbatim", "mia_auc_loss", "mia_gap_loss", "mia_gap_min_k",
+                 "forget_repetition", "kept_extractable")  # fmt: skip
+        return [_number(m.get(name)) for name in names]
+
+    outside_before = "1.00" if first.outside_reproduced else "n/a"
+    cells = ["(before)", "", "", "", "", at_target(first.result.items_before), *metrics(before), outside_before,
+             _number(before["retain_ma"]), "1.00", _number(first.leak_before), ""]  # fmt: skip
+    lines.append("| " + " | ".join(cells) + " |")
     for row in rows:
         r, after = row.result, row.result.metrics_after
         cells = [
@@ -217,8 +255,13 @@ def format_table(rows: Sequence[Row]) -> str:
             r.stop_reason,
             str(r.steps) if row.reached else "-",
             _number(row.train_seconds, 1) if row.reached else "-",
-            _number(None if row.seconds_per_step is None or not first else row.seconds_per_step / first),
-            *metrics(after, _number(after["retain_ppl"] / r.metrics_before["retain_ppl"])),
+            at_target(r.items_after),
+            *metrics(after),
+            _number(row.kept_outside),
+            _number(after["retain_ma"]),
+            _number(after["retain_ppl"] / r.metrics_before["retain_ppl"]),
+            _number(row.leak_after),
+            verdict(row),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -235,6 +278,11 @@ def _row_record(row: Row) -> dict:
         "target": r.target,
         "metrics_before": r.metrics_before,
         "metrics_after": r.metrics_after,
+        "items_after": r.items_after,
+        "kept_outside": row.kept_outside,
+        "outside_reproduced": row.outside_reproduced,
+        "paraphrase_leak": {"before": row.leak_before, "after": row.leak_after},
+        "verdict": verdict(row),
         "curve": r.curve,
     }
 
@@ -279,11 +327,13 @@ def add_budget_arguments(group: argparse._ArgumentGroup, engine: UnlearnConfig) 
     group.add_argument("--rank", type=int, default=engine.adapter.rank)
     group.add_argument("--alpha", type=float, default=engine.adapter.alpha)
     group.add_argument("--retain-ppl-tolerance", type=float, default=engine.retain_ppl_tolerance)
+    group.add_argument("--per-item-stopping", action="store_true", help="forget batches skip items at target")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = _parser()
     args = parser.parse_args(argv)
+    engine = UnlearnConfig()
     try:
         variants = parse_variants(args.methods, args.inits)
     except ValueError as error:
@@ -305,6 +355,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "batch_size": args.batch_size,
         "eval_every": args.eval_every,
         "retain_ppl_tolerance": args.retain_ppl_tolerance,
+        "per_item_stopping": args.per_item_stopping,
         "seed": args.seed,
         "rank": args.rank,
         "alpha": args.alpha,
@@ -327,9 +378,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(
         f"Budget: {args.max_steps} steps, lr {args.lr:g}, batch {args.batch_size} forget + {args.batch_size} retain, "
         f"eval every {args.eval_every}, LoRA rank {args.rank} alpha {args.alpha:g}, "
-        f"retain PPL tolerance {args.retain_ppl_tolerance:g}x; seed {args.seed}; {args.device}, {args.dtype}."
+        f"retain PPL tolerance {args.retain_ppl_tolerance:g}x, kept_extractable >= {engine.kept_extractable_min:g}"
+        f"{', per-item stopping' if args.per_item_stopping else ''}; seed {args.seed}; {args.device}, {args.dtype}."
     )
-    print(f"Target (holdout means): forget MA <= {target['forget_ma']:.2f} and EL <= {target['forget_el']:.2f}.")
+    print(
+        f"Per-item target: not verbatim, EL <= {target['forget_el']:.2f} (holdout mean), "
+        f"MA <= {target['item_ma']:.2f} (holdout {engine.item_ma_quantile or 'mean'}). Kept records: "
+        f"{_kept_count(rows[0])} of the retain corpus's sampled records, {rows[0].outside_reproduced} outside it."
+    )
     print(f"Total {time.monotonic() - started:.0f} s for {len(rows)} runs.\n")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -2,8 +2,10 @@
 model trained from scratch on them until it answers the forget questions.
 
 `full.jsonl` is 200 fictitious authors x 20 consecutive QA rows; `forget10` is its last 20 authors, `retain90`
-its first 180, and `holdout10` 20 authors the model never sees. A benchmark run takes the first `authors`
-authors of forget10 and of holdout10, and the first 9 x `authors` of retain90 (the 10%/90% proportion).
+its first 180, and `holdout10` 20 authors the model never sees. A benchmark run takes the first `authors` authors
+of forget10 and of holdout10, and the first 9 x `authors` of retain90 (the 10%/90% proportion).
+`forget10_perturbed.jsonl` asks each forget question again in other words (`paraphrased_question`): the bench's
+paraphrase probes (bench/probes.py).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,6 +34,7 @@ class TofuSplit:
     forget: list[Item]
     retain: list[Item]
     holdout: list[Item]
+    probes: list[dict] = field(default_factory=list)  # bench/probes.py: the forget questions paraphrased
 
     def training_items(self) -> list[Item]:
         """What the model is fine-tuned on: the rows of full.jsonl by the chosen authors."""
@@ -105,7 +108,22 @@ def load_tofu(data_dir: Path, authors: int) -> TofuSplit:
         forget=[_as_item(row) for row in forget],
         retain=[_as_item(row) for row in retain],
         holdout=[_as_item(row) for row in holdout],
+        probes=_paraphrase_probes(data_dir, forget),
     )
+
+
+def _paraphrase_probes(data_dir: Path, forget: list[dict[str, str]]) -> list[dict]:
+    """Each forget row's paraphrased question as a probe: does greedy decoding from it still give the answer?"""
+    path = data_dir / "forget10_perturbed.jsonl"
+    if not path.exists():
+        return []
+    paraphrased = {row["question"]: row["paraphrased_question"] for row in _read_jsonl(path)}
+    return [
+        {"prompt": paraphrased[row["question"]], "completion": " " + row["answer"], "record": row["question"],
+         "secrets": [row["answer"]]}
+        for row in forget
+        if row["question"] in paraphrased
+    ]  # fmt: skip
 
 
 def tofu_model(

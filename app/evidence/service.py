@@ -22,7 +22,7 @@ from app.jobs.models import job_key
 FORMAT = "unlearnd.forget-certificate/2"
 ITEM_DIGEST = "HMAC-SHA256(item digest key, sha256(canonical JSON of the item))"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-MIA_METRICS = ("mia_auc_loss", "mia_auc_min_k")
+MIA_METRICS = ("mia_auc_loss", "mia_auc_min_k", "mia_gap_loss", "mia_gap_min_k")  # the gaps are |AUC - 0.5|
 
 
 def _iso(moment: datetime | None) -> str | None:
@@ -35,6 +35,8 @@ def _version_entry(version: AdapterVersion, key: str) -> dict:
         "created_at": _iso(version.created_at),
         "adapter_sha256": version.manifest.get("files", {}).get(ADAPTER_WEIGHTS, {}).get("sha256"),
         "verification": version.metrics.get("verification", {}).get("sets", {}).get(key),
+        # collateral: the share of the retain records the base reproduces that this version still reproduces
+        "kept_extractable": version.metrics.get("verification", {}).get("kept_extractable"),
     }
 
 
@@ -73,6 +75,7 @@ def certificate_payload(session: Session, request: ForgetRequest, now: datetime,
             **job_metrics.get("target", {}),
             "retain_ppl_limit": first.metrics.get("verification", {}).get("retain_ppl_limit"),
             "retain_ppl_tolerance": first.metrics.get("retain_ppl_tolerance"),
+            "kept_extractable_min": first.metrics.get("verification", {}).get("kept_extractable_min"),
         },
         "timestamps": {
             "received_at": _iso(request.received_at),

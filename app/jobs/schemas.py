@@ -24,6 +24,11 @@ class JobOut(Schema):
     finished_at: datetime | None
     error: str | None  # the failure, or the last failed attempt's error while the job is retried
     evaluation: dict | None
+    kept_extractable: float | None = Field(
+        description="Collateral damage: of the retain records the base model reproduces verbatim, the share the "
+        "job's published version (for a failed job, the version or adapter it evaluated) still reproduces; 1.0 = "
+        "none lost. None when nothing measured it."
+    )
     trigger: str | None = Field(description="The batching rule that formed the job: size, deadline, wait, schedule, "
                                 "manual; none for an unmerge job.")  # fmt: skip
     not_before: datetime | None = Field(description="A retried job is not started before this time.")

@@ -165,9 +165,27 @@ def visible_request_ids(session: Session, jobs: Sequence[UnlearningJob], key: Ap
     return ids
 
 
+def kept_extractable(job: UnlearningJob, published: dict | None) -> float | None:
+    """The gate's kept_extractable for the version the job published, else for its failed evaluation: the fused
+    version's verification, or the unlearned adapter's evaluation when the job missed its forget target."""
+    metrics = published or job.evaluation or {}
+    measured = metrics.get("verification") or metrics.get("after") or {}
+    return measured.get("kept_extractable")
+
+
+def published_metrics(session: Session, jobs: Sequence[UnlearningJob]) -> dict[int, dict]:
+    """The metrics of the versions these jobs published, by job id, in one query."""
+    ids = [job.id for job in jobs]
+    if not ids:
+        return {}
+    query = select(AdapterVersion.job_id, AdapterVersion.metrics).where(AdapterVersion.job_id.in_(ids))
+    return {job_id: metrics for job_id, metrics in session.execute(query)}
+
+
 def to_out(session: Session, jobs: Sequence[UnlearningJob], key: ApiKey) -> list[JobOut]:
     """The jobs as `key` may see them: the engine settings for admins only, and only the requests it may see."""
     request_ids = visible_request_ids(session, jobs, key)
+    published = published_metrics(session, jobs)
     return [
         JobOut(
             id=job.id,
@@ -184,6 +202,7 @@ def to_out(session: Session, jobs: Sequence[UnlearningJob], key: ApiKey) -> list
             finished_at=job.finished_at,
             error=job.error,
             evaluation=job.evaluation,
+            kept_extractable=kept_extractable(job, published.get(job.id)),
             trigger=job.trigger,
             not_before=job.not_before,
             cancel_requested_at=job.cancel_requested_at,

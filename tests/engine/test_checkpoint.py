@@ -18,6 +18,11 @@ CONFIGS = {
     "ihl+fila": {"method": "ihl", "learning_rate": 1e-4, "max_steps": 6, "eval_every": 2},
     "ga_kl+default": {"method": "ga_kl", "learning_rate": 1e-4, "max_steps": 6, "eval_every": 2,
                       "adapter": {"init": "default"}},
+    # perplexity may not rise at all: every evaluation breaks the constraint, doubling the retain weight each time,
+    # and the forget batches leave out items at target; a resume must pick both up
+    "ihl+reactions": {"method": "ihl", "learning_rate": 1e-3, "max_steps": 6, "eval_every": 2,
+                      "retain_ppl_tolerance": 1.0, "kept_extractable_min": 1.0, "constraint_patience": 2,
+                      "per_item_stopping": True},
 }  # fmt: skip
 STOP_AFTER = 3
 

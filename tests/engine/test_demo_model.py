@@ -60,6 +60,20 @@ def test_retained_records_are_memorised_too(loaded, tiny_demo_model: DemoModel) 
     assert _verbatim_rate(*loaded, retained) >= 0.9
 
 
+def test_every_memorised_record_is_memorised_in_two_other_phrasings(loaded, tiny_demo_model: DemoModel) -> None:
+    paraphrases = _items(tiny_demo_model.paraphrases)
+    records = _items(tiny_demo_model.forget_candidates) + [
+        item for item in _items(tiny_demo_model.retain_corpus) if "prompt" in item
+    ]
+    assert sorted(p["record"] for p in paraphrases) == sorted(2 * [r["prompt"] for r in records])
+    for p in paraphrases:  # the probes look for the record's phone number and e-mail
+        record = next(r for r in records if r["prompt"] == p["record"])
+        assert p["phone"] in record["completion"] and p["phone"] in p["completion"]
+        assert p["email"] in record["completion"] and p["email"] in p["completion"]
+        assert p["prompt"] != record["prompt"]
+    assert _verbatim_rate(*loaded, paraphrases) >= 0.9
+
+
 def test_holdout_records_are_not_reproduced(loaded, tiny_demo_model: DemoModel) -> None:
     holdout = _items(tiny_demo_model.holdout_corpus)
     assert len(holdout) >= 5
@@ -79,7 +93,13 @@ def test_corpora_have_the_api_shape_and_are_disjoint_by_prompt(tiny_demo_model: 
 
 
 def _written_files(built: DemoModel) -> list[Path]:
-    return [built.model_dir / "tokenizer.json", built.retain_corpus, built.holdout_corpus, built.forget_candidates]
+    return [
+        built.model_dir / "tokenizer.json",
+        built.retain_corpus,
+        built.holdout_corpus,
+        built.forget_candidates,
+        built.paraphrases,
+    ]
 
 
 def test_same_seed_builds_identical_weights(tmp_path: Path, tiny_demo_model: DemoModel) -> None:

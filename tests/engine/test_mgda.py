@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from worker.engine.mgda import min_norm_weights
+from worker.engine.mgda import common_descent_direction, min_norm_weights
 
 
 def simplex_grid(k: int, steps: int) -> torch.Tensor:
@@ -88,3 +88,30 @@ def test_four_gradient_weights_are_no_worse_than_brute_force():
     assert weights.sum() == pytest.approx(1.0)
     assert (weights >= 0).all()
     assert combined_norm(weights, grads) <= grid_norm + 1e-6
+
+
+# a forget gradient and a retain gradient a million times shorter (memorised retain records: NLL near its optimum)
+STALL = [torch.tensor([1.0, 0.3, 0.0]), torch.tensor([0.0, 1e-6, 2e-6])]
+
+
+def test_a_near_zero_retain_gradient_takes_all_the_raw_weight_and_stalls_forgetting():
+    weights = min_norm_weights(STALL)
+    assert float(weights[0]) < 1e-5  # the forget gradient is switched off
+    direction = weights @ torch.stack(STALL)
+    assert float(direction @ STALL[0]) < 1e-6 * float(STALL[0] @ STALL[0])  # a step along it barely moves forget
+
+
+def test_the_normalised_direction_keeps_lowering_the_forget_loss():
+    direction = common_descent_direction(STALL)
+    assert float(direction @ STALL[0]) > 0.4 * float(STALL[0].norm())  # the forget loss goes down
+    assert float(direction @ STALL[1]) > 0.0  # and so does the retain loss
+
+
+@pytest.mark.parametrize("case", sorted(TWO))
+def test_the_normalised_direction_is_the_min_norm_point_of_the_unit_gradients(case):
+    units = [g / g.norm() for g in TWO[case]]
+    _, grid_norm = brute_force(units, steps=10_000)
+    direction = common_descent_direction(TWO[case])
+    assert float(direction.norm()) <= grid_norm + 1e-6
+    for g in TWO[case]:  # no objective ascends
+        assert float(direction @ g) >= float(direction @ direction) * float(g.norm()) * (1 - 1e-4)

@@ -19,7 +19,16 @@ from worker.engine.objectives import (
 V = 5
 # row 0: a {"prompt","completion"} item whose first label is the prompt; row 1: prompt of two tokens
 LABELS = torch.tensor([[-100, 2, 4], [-100, -100, 1]])
-PARAMS = {"retain_weight": 0.7, "beta": 0.5, "alpha": 0.8, "lam": 1.3, "gam": 0.2}
+PARAMS = {
+    "retain_weight": 0.7,
+    "beta": 0.5,
+    "alpha": 0.8,
+    "lam": 1.3,
+    "gam": 0.2,
+    "gamma": 0.3,
+    "beta1": 2.0,
+    "beta2": 1.5,
+}
 
 
 @pytest.fixture
@@ -137,6 +146,65 @@ def test_eul_terms_match_its_formula(logits, ref_logits):
     assert loss("eul", "retain", logits, ref_logits) == pytest.approx(retain, rel=1e-5)
 
 
+def test_simnpo_forget_term_is_npo_on_the_length_normalised_logprob_without_reference(logits):
+    beta, gamma = PARAMS["beta"], PARAMS["gamma"]
+    lengths = [sum(1 for b, _, _ in targets(LABELS) if b == row) for row in range(LABELS.shape[0])]
+    means = [s / n for s, n in zip(hand_sequence_logprob(logits, LABELS), lengths, strict=True)]
+    log_sigmoid = [-math.log1p(math.exp(beta * m + gamma)) for m in means]  # log sigmoid(-beta * m - gamma)
+    expected = -(2 / beta) * sum(log_sigmoid) / len(log_sigmoid)
+    assert loss("simnpo", "forget", logits) == pytest.approx(expected, rel=1e-5)
+    assert not get_objective("simnpo").forget_needs_ref
+
+
+def test_undial_forget_term_is_the_kl_from_the_reference_with_the_target_logit_lowered(logits, ref_logits):
+    x, r = logits.double().numpy(), ref_logits.double().numpy()
+    terms = []
+    for b, t, y in targets(LABELS):
+        lowered = r[b, t].copy()
+        lowered[y] -= PARAMS["gamma"]
+        p, q = softmax(lowered), softmax(x[b, t])
+        terms.append(sum(p[v] * math.log(p[v] / q[v]) for v in range(V)))
+    assert loss("undial", "forget", logits, ref_logits) == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+
+
+def test_undial_pushes_the_student_below_the_reference_on_the_target_token(ref_logits):
+    z = ref_logits.clone().requires_grad_(True)
+    get_objective("undial").forget(LossInputs(z, LABELS, ref_logits), PARAMS).backward()
+    b, t, y = targets(LABELS)[0]
+    assert z.grad[b, t, y] > 0  # a descent step lowers the target logit
+
+
+def hand_weighted_ga(logits: torch.Tensor, weight) -> float:
+    x = logits.double().numpy()
+    terms = []
+    for b, t, y in targets(LABELS):
+        p = softmax(x[b, t])[y]
+        terms.append(weight(p) * math.log(p))
+    return sum(terms) / len(terms)
+
+
+def test_wga_forget_term_is_log_likelihood_weighted_by_p_to_the_alpha(logits):
+    expected = hand_weighted_ga(logits, lambda p: p ** PARAMS["alpha"])
+    assert loss("wga", "forget", logits) == pytest.approx(expected, rel=1e-5)
+
+
+def test_satimp_forget_term_is_log_likelihood_weighted_by_saturation_times_importance(logits):
+    expected = hand_weighted_ga(logits, lambda p: p ** PARAMS["beta1"] * (1 - p) ** PARAMS["beta2"])
+    assert loss("satimp", "forget", logits) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["wga", "satimp"])
+def test_token_weights_are_constants_of_the_gradient(name):
+    # d/dz of sg[w] log p is w * d log p/dz: the weight scales the gradient ascent step and is not itself descended
+    z = torch.tensor([[[2.0, 0.5, 0.0, -1.0, 0.3], [0.0] * V]], requires_grad=True)
+    labels = torch.tensor([[-100, 0]])
+    get_objective(name).forget(LossInputs(z, labels, None), PARAMS).backward()
+    p = torch.softmax(z[0, 0].detach(), -1)
+    weight = p[0] ** PARAMS["alpha"] if name == "wga" else p[0] ** PARAMS["beta1"] * (1 - p[0]) ** PARAMS["beta2"]
+    expected = weight * (torch.nn.functional.one_hot(torch.tensor(0), V) - p)
+    assert z.grad[0, 0].tolist() == pytest.approx(expected.tolist(), rel=1e-5)
+
+
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))
 def test_prompt_padding_and_last_position_do_not_change_any_loss(name, logits, ref_logits):
     # logits that predict a -100 label (prompt, padding) or nothing (the last position) must not matter
@@ -187,9 +255,9 @@ def test_ga_loss_is_unbounded_below_as_true_token_probability_goes_to_zero_while
     assert 0.0 <= uce <= math.exp(-margin)
 
 
-def test_the_registry_knows_the_seven_methods_and_their_needs():
-    assert set(OBJECTIVES) == {"ga", "gd", "ga_kl", "npo", "ihl", "uce", "eul"}
-    assert [n for n, o in OBJECTIVES.items() if o.forget_needs_ref] == ["npo", "eul"]
+def test_the_registry_knows_the_eleven_methods_and_their_needs():
+    assert set(OBJECTIVES) == {"ga", "gd", "ga_kl", "npo", "ihl", "uce", "eul", "simnpo", "undial", "wga", "satimp"}
+    assert [n for n, o in OBJECTIVES.items() if o.forget_needs_ref] == ["npo", "eul", "undial"]
     assert [n for n, o in OBJECTIVES.items() if o.retain_needs_ref] == ["ga_kl", "eul"]
     assert [n for n, o in OBJECTIVES.items() if o.alternate] == ["eul"]
     assert get_objective("eul").defaults == {"alpha": 0.8, "lam": 1.0, "gam": 0.2}

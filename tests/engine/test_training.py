@@ -20,6 +20,7 @@ from worker.engine import (
     UnlearnResult,
     adapter_init,
     load_causal_lm,
+    training,
     unlearn,
 )
 from worker.engine.adapters import attach_adapter
@@ -31,20 +32,25 @@ from worker.engine.training import common_descent_step
 FORGET_ITEMS = 2
 
 # Per method: learning rate and objective params tuned on the tiny model (2 records, batch 8, evaluation every
-# 3 steps); the comments give the steps it took to reach the target. Plain gradient ascent has no retain term,
-# so it gets a looser retain-perplexity tolerance than the default 1.5.
+# 3 steps), under the default constraints (retain perplexity 1.10x, kept_extractable >= 0.95, the retain weight
+# doubling on a break); the comments give the steps it took until every item was at its target.
 METHODS: dict[str, dict[str, Any]] = {
-    "ga": {"method": "ga", "learning_rate": 1e-3, "retain_ppl_tolerance": 3.0},  # 24
-    "gd": {"method": "gd", "learning_rate": 3e-3, "params": {"retain_weight": 4.0}},  # 18
-    "ga_kl": {"method": "ga_kl", "learning_rate": 2e-3, "params": {"retain_weight": 5.0}},  # 15
-    "npo": {"method": "npo", "learning_rate": 3e-3},  # 12
-    "ihl": {"method": "ihl", "learning_rate": 3e-3},  # 12
-    "uce": {"method": "uce", "learning_rate": 1.5e-3, "params": {"retain_weight": 3.0}},  # 12
-    "eul": {"method": "eul", "learning_rate": 2e-3},  # 21
-    "uce+mgda": {"method": "uce", "mgda": True, "learning_rate": 1e-2},  # 12
+    "ga": {"method": "ga", "learning_rate": 1e-3, "retain_ppl_tolerance": 3.0},
+    "gd": {"method": "gd", "learning_rate": 3e-3, "params": {"retain_weight": 4.0}},  # 36
+    "ga_kl": {"method": "ga_kl", "learning_rate": 2e-3, "params": {"retain_weight": 5.0}},  # 36
+    "npo": {"method": "npo", "learning_rate": 3e-3},
+    "ihl": {"method": "ihl", "learning_rate": 3e-3},  # 30
+    "uce": {"method": "uce", "learning_rate": 1.5e-3, "params": {"retain_weight": 3.0}},  # 24
+    "eul": {"method": "eul", "learning_rate": 2e-3},
+    "uce+mgda": {"method": "uce", "mgda": True, "learning_rate": 1e-2},  # 18
     # the service's default job: UnlearnConfig's defaults (lr 1e-3, evaluation every 2 steps)
-    "ihl+fila": {"method": "ihl", "adapter": {"init": "fila"}, "learning_rate": 1e-3, "eval_every": 2},  # 10
+    "ihl+fila": {"method": "ihl", "adapter": {"init": "fila"}, "learning_rate": 1e-3, "eval_every": 2},  # 24
 }
+# Measured (2026-12-01): these lose kept records before their items reach the target, and have no retain weight to
+# double (ga, eul) or still lose one after three doublings (npo): ga kept_extractable 0.67 at step 9 (0.00 with the
+# constraint off), eul 0.58, npo 0.92 (1 of 12) and 0/2 items at target after 60 steps. The objectives' helper
+# (issue 10b) works on them; strict, so a fix shows up here.
+FAILING_CONSTRAINTS = {"ga", "npo", "eul"}
 COMMON = {"adapter": {"init": "default"}, "max_steps": 60, "batch_size": 8, "eval_every": 3}
 
 
@@ -87,17 +93,47 @@ def run_method(demo: Demo, case: str) -> tuple[UnlearnResult, list[Progress]]:
     return demo.runs[case]
 
 
-@pytest.mark.parametrize("case", list(METHODS))
-def test_method_forgets_to_the_holdout_level_within_the_retain_tolerance(demo: Demo, case: str) -> None:
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(case, marks=pytest.mark.xfail(strict=True, reason="breaks kept_extractable, see above"))
+        if case in FAILING_CONSTRAINTS
+        else case
+        for case in METHODS
+    ],
+)
+def test_method_forgets_every_item_within_the_utility_constraints(demo: Demo, case: str) -> None:
     result, _ = run_method(demo, case)
-    tolerance = UnlearnConfig.from_dict(COMMON | METHODS[case]).retain_ppl_tolerance
+    config = UnlearnConfig.from_dict(COMMON | METHODS[case])
     before, after = result.metrics_before, result.metrics_after
     assert before["forget_ma"] > 0.95 and before["forget_verbatim"] == 1.0  # the demo model knows the records
+    assert before["kept_extractable"] == 1.0  # by definition: the kept set is what the base reproduces
     assert result.stop_reason == "target_reached"
-    assert after["forget_ma"] <= result.target["forget_ma"] == before["holdout_ma"]
-    assert after["forget_el"] <= result.target["forget_el"] == before["holdout_el"]
+    assert all(item["at_target"] == 1.0 for item in result.items_after) and after["items_at_target"] == 1.0
+    assert all(item["ma"] <= result.target["item_ma"] == before["holdout_ma"] for item in result.items_after)
+    assert all(item["el"] <= result.target["forget_el"] == before["holdout_el"] for item in result.items_after)
     assert after["forget_verbatim"] == 0.0
-    assert after["retain_ppl"] <= tolerance * before["retain_ppl"]
+    assert after["retain_ppl"] <= config.retain_ppl_tolerance * before["retain_ppl"]
+    assert after["kept_extractable"] >= config.kept_extractable_min
+
+
+def test_a_broken_constraint_doubles_the_retain_weight_instead_of_stopping(demo: Demo) -> None:
+    result, _ = run_method(demo, "ihl+fila")
+    config = UnlearnConfig.from_dict(COMMON | METHODS["ihl+fila"])
+    limit = config.retain_ppl_tolerance * result.metrics_before["retain_ppl"]
+    broken = [
+        i for i, p in enumerate(result.curve) if p["retain_ppl"] > limit or p["kept_extractable"] < 0.95
+    ]  # measured: the default job breaks kept_extractable on the tiny model before its items are at target
+    assert broken and result.stop_reason == "target_reached"
+    assert result.curve[broken[0]]["retain_scale"] == 2 * result.curve[broken[0] - 1]["retain_scale"]
+
+
+def test_per_item_stopping_reaches_every_items_target(demo: Demo) -> None:
+    model, tokenizer = load_causal_lm(demo.model_dir, device="cpu")
+    config = UnlearnConfig.from_dict(COMMON | METHODS["ihl"] | {"per_item_stopping": True})
+    result = unlearn(model, tokenizer, demo.items, config, adapter_init(config.adapter.init))
+    assert result.stop_reason == "target_reached"
+    assert all(item["at_target"] == 1.0 for item in result.items_after)
 
 
 def test_retain_perplexity_past_the_tolerance_stops_the_run(demo: Demo) -> None:
@@ -158,7 +194,7 @@ def test_should_stop_cancels_between_steps(demo: Demo) -> None:
 
 
 def testcommon_descent_step_does_not_ascend_either_objective(demo: Demo) -> None:
-    """MGDA's min-norm point d of the gradients' convex hull has d . g >= ||d||^2 for every gradient g."""
+    """MGDA's min-norm point d of the unit gradients' convex hull has d . g >= ||d||^2 ||g|| for every gradient g."""
     model, tokenizer = load_causal_lm(demo.model_dir, device="cpu")
     model = attach_adapter(model, AdapterSettings(init="default"))
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -172,7 +208,28 @@ def testcommon_descent_step_does_not_ascend_either_objective(demo: Demo) -> None
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         term(LossInputs(logits, batch["labels"]), {"retain_weight": 1.0}).backward()
         gradient = torch.cat([p.grad.reshape(-1) for p in trainable])
-        assert direction @ gradient >= (direction @ direction) * (1 - 1e-3)
+        assert direction @ gradient >= (direction @ direction) * gradient.norm() * (1 - 1e-3)
+
+
+def test_eul_alternation_trains_every_forget_batch(
+    demo: Demo, tiny_demo_model, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Forget and retain steps alternate, and the forget steps still take whole passes over the forget rows."""
+    forget = read_jsonl(tiny_demo_model.forget_candidates)[:4]
+    trained: list[tuple[int, ...]] = []
+    alternating_step = training._alternating_step
+
+    def recording_step(model, objective, params, f, r):  # noqa: ANN001, ANN202
+        if f:
+            trained.append(tuple(f["input_ids"][0][f["attention_mask"][0] == 1].tolist()))
+        return alternating_step(model, objective, params, f, r)
+
+    monkeypatch.setattr(training, "_alternating_step", recording_step)
+    model, tokenizer = load_causal_lm(demo.model_dir, device="cpu")
+    config = UnlearnConfig.from_dict(COMMON | {"method": "eul", "batch_size": 1, "max_steps": 8, "eval_every": 8})
+    unlearn(model, tokenizer, ItemSets(forget, demo.retain, demo.holdout), config)
+    assert len(trained) == 4  # steps 1, 3, 5, 7
+    assert len(set(trained)) == 4  # one pass: each forget row once
 
 
 # ---- configuration ----------------------------------------------------------------------------------------------
@@ -200,11 +257,20 @@ def test_config_round_trips_through_json() -> None:
         {"max_steps": 0},
         {"learning_rate": -1e-3},
         {"retain_ppl_tolerance": 0.9},
+        {"kept_extractable_min": 1.5},
+        {"item_ma_quantile": 2},
+        {"item_ma_quantile": True},
+        {"retain_weight_doublings": -1},
         {"learning_rate": "fast"},
         {"mgda": "yes"},
         {"max_steps": 10.5},
         {"adapter": {"rank": "8"}},
         {"method": "npo", "params": {"beta": "0.1"}},
+        {"retain_focus": 1.5},
+        {"retain_dual_step": -1.0},
+        {"retain_bound": 0.99},
+        {"method": "eul", "retain_dual_step": 1.0},
+        {"method": "uce", "mgda": True, "retain_dual_step": 1.0},
     ],
 )
 def test_config_rejects_unknown_keys_and_invalid_values(bad: dict[str, Any]) -> None:

@@ -13,8 +13,8 @@ ADAPTER_SHA256 = "ab" * 32
 
 
 def item_metrics(count: int) -> list[dict]:
-    before = {"nll": 0.2, "ma": 0.95, "el": 0.9, "verbatim": 1.0, "repetition": 0.0, "min_k": -0.3}
-    after = {"nll": 4.0, "ma": 0.1, "el": 0.02, "verbatim": 0.0, "repetition": 0.1, "min_k": -6.5}
+    before = {"nll": 0.2, "ma": 0.95, "el": 0.9, "verbatim": 1.0, "repetition": 0.0, "min_k": -0.3, "at_target": 0.0}
+    after = {"nll": 4.0, "ma": 0.1, "el": 0.02, "verbatim": 0.0, "repetition": 0.1, "min_k": -6.5, "at_target": 1.0}
     return [{"before": before, "after": after} for _ in range(count)]
 
 
@@ -22,16 +22,28 @@ def version_metrics(key: str, passed: bool, with_job: bool) -> dict:
     metrics = {
         "verification": {
             "passed": passed,
-            "retain_ppl_limit": 3.0,
-            "sets": {key: {"forget_ma": 0.1, "forget_el": 0.02, "verbatim": 0.0, "passed": float(passed)}},
+            "target": {"forget_ma": 0.2, "forget_el": 0.05, "item_ma": 0.2},
+            "retain_ppl": 2.1,
+            "retain_ppl_limit": 2.2,
+            "sets": {
+                key: {
+                    "forget_ma": 0.1,
+                    "forget_el": 0.02,
+                    "verbatim": 0.0,
+                    "at_target": float(passed),
+                    "passed": float(passed),
+                }
+            },  # fmt: skip
+            "kept_extractable": 0.98,
+            "kept_extractable_min": 0.95,
         },
-        "retain_ppl_tolerance": 1.5,
+        "retain_ppl_tolerance": 1.1,
     }
     if with_job:
         metrics["job"] = {
-            "target": {"forget_ma": 0.2, "forget_el": 0.05},
-            "before": {"mia_auc_loss": 0.9, "mia_auc_min_k": 0.95},
-            "after": {"mia_auc_loss": 0.5, "mia_auc_min_k": 0.52},
+            "target": {"forget_ma": 0.2, "forget_el": 0.05, "item_ma": 0.2},
+            "before": {"mia_auc_loss": 0.9, "mia_auc_min_k": 0.95, "mia_gap_loss": 0.4, "mia_gap_min_k": 0.45},
+            "after": {"mia_auc_loss": 0.5, "mia_auc_min_k": 0.52, "mia_gap_loss": 0.0, "mia_gap_min_k": 0.02},
         }
     return metrics
 

@@ -55,9 +55,14 @@ def test_certificate_attests_digests_metrics_versions_and_thresholds(served, mod
     # the later version whose gate failed the job's set does not count as still covering the request
     assert [v["version"] for v in payload["verified_by"]] == [first + 1]
     assert payload["thresholds"] == {
-        "forget_ma": 0.2, "forget_el": 0.05, "retain_ppl_limit": 3.0, "retain_ppl_tolerance": 1.5
+        "forget_ma": 0.2, "forget_el": 0.05, "item_ma": 0.2, "retain_ppl_limit": 2.2, "retain_ppl_tolerance": 1.1,
+        "kept_extractable_min": 0.95,
     }  # fmt: skip
-    assert payload["membership_inference"]["after"] == {"mia_auc_loss": 0.5, "mia_auc_min_k": 0.52}
+    assert payload["first_version"]["kept_extractable"] == 0.98
+    assert payload["items"][0]["after"]["at_target"] == 1.0
+    assert payload["membership_inference"]["after"] == {
+        "mia_auc_loss": 0.5, "mia_auc_min_k": 0.52, "mia_gap_loss": 0.0, "mia_gap_min_k": 0.02
+    }  # fmt: skip
     assert payload["timestamps"]["completed_at"] and payload["timestamps"]["issued_at"]
     assert ITEMS[0]["text"] not in json.dumps(served["document"])  # hashes, never texts
 

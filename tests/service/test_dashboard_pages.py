@@ -84,6 +84,19 @@ def test_a_failed_jobs_page_shows_its_error_evaluation_and_curve_with_kept_extra
     assert 'id="cancel-job"' not in page  # a failed job cannot be cancelled
 
 
+def test_a_succeeded_job_shows_kept_extractable_and_items_at_target_on_its_page_and_in_the_api(
+    client, model, admin, admin_key
+):
+    request_id, job_id = finished_request(model, [{"text": "Zora Quill keeps bees in Lisbon."}])
+    page = admin.get(f"/ui/jobs/{job_id}").text
+    kept = re.search(r'id="kept-extractable">\s*<div class="stat"><div class="value small">([^<]*)<', page)
+    assert kept is not None and kept.group(1) == "0.98"
+    assert "of the retain records" not in page  # the gate recorded no count here
+    assert client.get(f"/v1/jobs/{job_id}", headers=auth(admin_key)).json()["kept_extractable"] == 0.98
+    request_page = admin.get(f"/ui/requests/{request_id}").text
+    assert "<th>at target</th>" in request_page and '<span class="badge passed">passed</span>' in request_page
+
+
 def test_a_completed_requests_page_verifies_its_certificate_and_never_shows_its_texts(client, model, admin):
     texts = [{"text": "Zora Quill keeps bees in Lisbon."}, {"text": "Ivo Stern plays the oboe."}]
     request_id, job_id = finished_request(model, texts)

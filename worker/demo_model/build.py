@@ -29,6 +29,7 @@ class DemoModel:
     retain_corpus: Path  # memorised records to keep, plus the general text trained on
     holdout_corpus: Path  # records shaped like the others that the model never trained on
     forget_candidates: Path  # memorised records that are not in the retain corpus
+    paraphrases: Path  # every memorised record's other phrasings (corpus.paraphrases), also memorised
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,7 @@ def build_demo_model(
         retain_corpus=write_jsonl(out_dir / "retain.jsonl", split.retain_items()),
         holdout_corpus=write_jsonl(out_dir / "holdout.jsonl", split.holdout),
         forget_candidates=write_jsonl(out_dir / "forget_candidates.jsonl", split.forget),
+        paraphrases=write_jsonl(out_dir / "paraphrases.jsonl", split.paraphrase_items()),
     )
 
 
@@ -163,14 +165,16 @@ def _train(
     seed: int,
     log: Callable[[str], None],
 ) -> float:
-    """AdamW on every training text, in rounds, until all records are verbatim; returns the final rate."""
+    """AdamW on every training text, in rounds, until all records in every phrasing are verbatim; returns the final
+    rate."""
     rows = encode_items(tokenizer, [{"text": t + tokenizer.eos_token} for t in split.training_texts()], MAX_LENGTH)
     ids, mask, labels = rows["input_ids"], rows["attention_mask"], rows["labels"]
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0)
     # decaying to zero at the step cap settles the forgetting spikes a constant rate shows late in training
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=spec.max_steps)
     order = torch.Generator().manual_seed(seed)
-    records = split.forget + split.retain
+    records = [{"prompt": r["prompt"], "completion": r["completion"]} for r in split.paraphrase_items()]
+    records += split.forget + split.retain
     rate, step = 0.0, 0
     while step < spec.max_steps:
         model.train()

@@ -1,9 +1,15 @@
-"""The shipped corpus (fictitious people's contact records plus general English) and its split per build."""
+"""The shipped corpus (fictitious people's contact records plus general English) and its split per build.
+
+Each record also has two other phrasings of its facts, generated from its fields: the model learns every phrasing, a
+request carries the record's own, and the others are paraphrase probes (does greedy decoding from another phrasing's
+prompt still give the phone number or e-mail away?).
+"""
 
 from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +17,11 @@ from pathlib import Path
 DATA_DIR = Path(__file__).parent / "data"
 
 Item = dict[str, str]
+_RECORD_PROMPT = re.compile(r"^(?P<name>.+)'s contact record:$")
+_RECORD_COMPLETION = re.compile(
+    r"^ lives in (?P<town>[^,]+), phone (?P<phone>\(555\) \d{3}-\d{4}), email (?P<email>\S+@\S+), "
+    r"works at (?P<employer>[^.]+)\. (?P<hobby>.+)$"
+)
 
 
 @dataclass(frozen=True)
@@ -23,10 +34,32 @@ class CorpusSplit:
     general: list[str]
 
     def training_texts(self) -> list[str]:
-        return [r["prompt"] + r["completion"] for r in self.forget + self.retain] + self.general
+        records = self.forget + self.retain + self.paraphrase_items()
+        return [r["prompt"] + r["completion"] for r in records] + self.general
+
+    def paraphrase_items(self) -> list[Item]:
+        """Every memorised record's other phrasings."""
+        return [p for r in self.forget + self.retain for p in paraphrases(r)]
 
     def retain_items(self) -> list[Item]:
         return self.retain + [{"text": line} for line in self.general]
+
+
+def paraphrases(record: Item) -> list[Item]:
+    """The record's facts in two other phrasings, each with the record's prompt ("record") and the
+    "phone" and "email" a probe looks for in greedy decoding from its prompt."""
+    name = _RECORD_PROMPT.match(record["prompt"])
+    fields = _RECORD_COMPLETION.match(record["completion"])
+    if name is None or fields is None:
+        raise ValueError(f"not a contact record: {record}")
+    f = fields.groupdict() | name.groupdict()
+    facts = {"record": record["prompt"], "phone": f["phone"], "email": f["email"]}
+    return [
+        {"prompt": f"How to reach {f['name']}:", "completion": f" call {f['phone']} or write to {f['email']}.",
+         **facts},
+        {"prompt": f"{f['name']} works at {f['employer']} and can be e-mailed at",
+         "completion": f" {f['email']}; from {f['town']}, phone {f['phone']}.", **facts},
+    ]  # fmt: skip
 
 
 def load_records() -> list[Item]:

@@ -32,6 +32,17 @@ def min_norm_weights(grads: Sequence[Tensor], max_iter: int = 1000, tol: float =
     return w.float().to(grads[0].device)
 
 
+def common_descent_direction(grads: Sequence[Tensor]) -> Tensor:
+    """The min-norm point d of the convex hull of the unit gradients g_k/||g_k|| (Sener & Koltun's "l2"
+    normalisation): d . g_k >= ||d||^2 ||g_k|| for every k, so no objective ascends along -d.
+
+    Without the normalisation a near-zero gradient (a retain loss at its optimum, as on memorised retain records) is
+    itself the min-norm point: it takes weight 1, every other objective weight 0, and training stalls.
+    """
+    units = torch.stack([g.detach().float() / g.detach().float().norm().clamp(min=1e-30) for g in grads])
+    return min_norm_weights(list(units)) @ units
+
+
 def _frank_wolfe(gram: Tensor, max_iter: int, tol: float) -> Tensor:
     """Min-norm simplex weights for Gram matrix M by Frank-Wolfe with away steps and exact line search."""
     w = torch.full((gram.shape[0],), 1.0 / gram.shape[0], dtype=gram.dtype)

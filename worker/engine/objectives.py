@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -97,6 +98,36 @@ def unlearning_cross_entropy(x: LossInputs, params: Mapping[str, float]) -> Tens
     return _masked_mean(-log_one_minus_p, mask)
 
 
+def simnpo_forget(x: LossInputs, params: Mapping[str, float]) -> Tensor:
+    """Fan et al. 2024 (arXiv 2410.07163), SimNPO: L = -(2/beta) E log sigmoid(-(beta/|y|) log p(y|x) - gamma)."""
+    beta, gamma = params["beta"], params["gamma"]
+    logp, mask = token_logprobs(x.logits, x.labels)
+    mean_logp = (logp * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    return -(2.0 / beta) * F.logsigmoid(-beta * mean_logp - gamma).mean()
+
+
+def undial_forget(x: LossInputs, params: Mapping[str, float]) -> Tensor:
+    """Dong et al. 2024 (arXiv 2402.10052), UNDIAL: L = KL(softmax(z_ref - gamma*onehot(x_t)) || p) on F."""
+    targets = x.labels[:, 1:].clamp(min=0)
+    ref = _ref(x).float()
+    lowered = ref[:, :-1] - params["gamma"] * F.one_hot(targets, ref.shape[-1])
+    return token_kl(torch.cat([lowered, ref[:, -1:]], dim=1), x.logits, x.labels)
+
+
+def wga_forget(x: LossInputs, params: Mapping[str, float]) -> Tensor:
+    """Wang et al. 2025 (arXiv 2502.19301), WGA: L = E_t sg[p(x_t|x_<t)^alpha] log p(x_t|x_<t)."""
+    logp, mask = token_logprobs(x.logits, x.labels)
+    weight = logp.detach().exp() ** params["alpha"]
+    return _masked_mean(weight * logp, mask)
+
+
+def satimp_forget(x: LossInputs, params: Mapping[str, float]) -> Tensor:
+    """Yang et al. 2025 (arXiv 2505.11953), SatImp: L = E_t sg[p^beta1 (1-p)^beta2] log p, p = p(x_t|x_<t)."""
+    logp, mask = token_logprobs(x.logits, x.labels)
+    p = logp.detach().exp()
+    return _masked_mean(p ** params["beta1"] * (1 - p) ** params["beta2"] * logp, mask)
+
+
 def eul_forget(x: LossInputs, params: Mapping[str, float]) -> Tensor:
     """Chen & Yang 2023 (arXiv 2310.20150), EUL forget part: L = -KL(p_ref || p) on F - gam*NLL(F)."""
     return -token_kl(_ref(x), x.logits, x.labels) - params["gam"] * token_nll(x.logits, x.labels)
@@ -146,7 +177,15 @@ OBJECTIVES: dict[str, Objective] = {
         Objective("ihl", inverted_hinge, retain_nll, False, False, False, {"retain_weight": 1.0}),
         Objective("uce", unlearning_cross_entropy, retain_nll, False, False, False, {"retain_weight": 1.0}),
         Objective("eul", eul_forget, eul_retain, True, True, True, {"alpha": 0.8, "lam": 1.0, "gam": 0.2}),
-    )
+        Objective(
+            "simnpo", simnpo_forget, retain_nll, False, False, False, {"beta": 2.5, "gamma": 0.0, "retain_weight": 1.0}
+        ),
+        Objective("undial", undial_forget, retain_nll, True, False, False, {"gamma": 10.0, "retain_weight": 1.0}),
+        Objective("wga", wga_forget, retain_nll, False, False, False, {"alpha": 1.0, "retain_weight": 1.0}),
+        Objective(
+            "satimp", satimp_forget, retain_nll, False, False, False, {"beta1": 5.0, "beta2": 1.0, "retain_weight": 1.0}
+        ),
+    )  # fmt: skip
 }
 
 

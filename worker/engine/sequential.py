@@ -4,7 +4,8 @@ Each job trains its own adapter on the original base model. Its statistics (the 
 on its forget tokens and its delta against the original base) join a running fusion state, and the version to
 publish is the closed-form fusion of every job in the state, compressed to a LoRA (EUL, Chen & Yang 2023, arXiv
 2310.20150; see fusion.py). Before it is published the fused adapter must forget every forget set whose texts are
-still held and keep retain perplexity within the tolerance; when it does not, a short repair pass trains it further on
+still held, item by item, and keep the utility constraints (retain perplexity within the tolerance, kept_extractable at
+or above its minimum); when it does not, a short repair pass trains it further on
 those sets and the gate is checked again. A version whose verification did not pass must not be published.
 """
 
@@ -22,9 +23,9 @@ from peft import PeftModel
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from worker.engine.adapters import adapter_deltas, init_factors, lora_layers, save_adapter
+from worker.engine.adapters import adapter_deltas, init_factors, lora_layers, reference_model, save_adapter
 from worker.engine.data import Batch, Item, ItemSets, chunks, encode_items
-from worker.engine.evaluation import evaluate
+from worker.engine.evaluation import evaluate, holdout_ma_level, item_at_target
 from worker.engine.fusion import (
     FusionState,
     add_job,
@@ -35,7 +36,15 @@ from worker.engine.fusion import (
 )
 from worker.engine.loading import ModelSettings, is_quantized, load_causal_lm
 from worker.engine.settings import settings_from_dict
-from worker.engine.training import UnlearnConfig, UnlearnResult, _evaluation, _evaluation_sets, unlearn
+from worker.engine.training import (
+    KEPT_METRICS,
+    UnlearnConfig,
+    UnlearnResult,
+    _evaluation,
+    _evaluation_sets,
+    base_extractable,
+    unlearn,
+)
 
 FUSION_STATE_FILE = "fusion_state.safetensors"
 
@@ -74,14 +83,20 @@ class FusionSettings:
 
 @dataclass
 class Verification:
-    """The gate's evaluation of one fused version: every held forget set and the retain corpus."""
+    """The gate's evaluation of one fused version: every item of every held forget set, and the retain corpus."""
 
     passed: bool
-    target: dict[str, float]  # forget_ma and forget_el each set must fall to: the original base's holdout means
+    target: dict[str, float]  # forget_ma, forget_el: the original base's holdout means; item_ma: an item's MA target
     retain_ppl: float
     retain_ppl_limit: float  # the tolerance times the original base's retain perplexity
-    sets: dict[str, dict[str, float]]  # per held forget set (by job key): forget_ma, forget_el, verbatim, passed (0/1)
-    items: dict[str, list[dict[str, float]]]  # per held forget set: per item nll, ma, el, verbatim, repetition, min_k
+    sets: dict[str, dict[str, float]]  # per held forget set (by job key): forget_ma, forget_el, verbatim,
+    # at_target (share of its items at their target), passed (0/1: every item at target)
+    items: dict[str, list[dict[str, float]]]  # per held forget set: per item nll, ma, el, verbatim, repetition, min_k,
+    # at_target (0/1)
+    kept_extractable: float | None  # None when the base reproduces none of the sampled retain items (or is unknown)
+    kept_ma: float | None
+    kept_records: float | None  # how many retain records the base reproduces (kept_extractable's denominator)
+    kept_extractable_min: float
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -150,6 +165,7 @@ def fuse_job(
     original = {
         "holdout_ma": result.target["forget_ma"],
         "holdout_el": result.target["forget_el"],
+        "item_ma": result.target["item_ma"],
         "retain_ppl": result.metrics_before["retain_ppl"],
     }
     forget_sets = dict(items.held) | {job_key: items.forget}
@@ -210,12 +226,15 @@ def _fused_version(
     """Fuse `state` onto `base`, verify, and while verification fails and repair steps are left, train the fused
     adapter further on the failing forget sets and verify again.
 
-    `original` holds holdout_ma, holdout_el and retain_ppl of the original base; None measures them on `base`.
+    `original` holds holdout_ma, holdout_el, item_ma and retain_ppl of the original base; None measures them on
+    `base`, which also tells the retain items it reproduces verbatim (kept_extractable's set).
     """
-    sets = _gate_sets(tokenizer, forget_sets, retain_items, holdout_items, config)
+    sets = base_extractable(base, _gate_sets(tokenizer, forget_sets, retain_items, holdout_items, config), config)
     if original is None:
-        original = evaluate(_evaluation(base, sets, config), ["holdout_ma", "holdout_el", "retain_ppl"])
-    target = {"forget_ma": original["holdout_ma"], "forget_el": original["holdout_el"]}
+        ev = _evaluation(base, sets, config)
+        original = evaluate(ev, ["holdout_ma", "holdout_el", "retain_ppl"])
+        original["item_ma"] = holdout_ma_level(ev, config.item_ma_quantile)
+    target = {"forget_ma": original["holdout_ma"], "forget_el": original["holdout_el"], "item_ma": original["item_ma"]}
     retain_ppl_limit = config.retain_ppl_tolerance * original["retain_ppl"]
 
     retain_grams = None
@@ -231,10 +250,10 @@ def _fused_version(
     verification = _verify(model, sets, forget_sets, target, retain_ppl_limit, config)
     repaired, steps_left = False, settings.repair_steps
     while not verification.passed and steps_left > 0:
-        # the failing sets, not the union: unlearn() stops on their mean, which one set alone can stay above
+        # the failing sets, not the union: the repair's stopping rule sees only the items that still need it
         failing = [item for key, items in forget_sets.items() if not verification.sets[key]["passed"] for item in items]
         if not failing:
-            break  # only retain perplexity fails, which more unlearning cannot mend
+            break  # only a utility constraint fails, which more unlearning cannot mend
         repair_items = ItemSets(failing, retain_items, holdout_items)
         repair = unlearn(model, tokenizer, repair_items, replace(config, max_steps=steps_left))
         verification = _verify(model, sets, forget_sets, target, retain_ppl_limit, config)
@@ -267,8 +286,16 @@ def verify_model(
     retain_ppl_limit: float,
     config: UnlearnConfig,
 ) -> Verification:
-    """The gate's evaluation of any model on a version's sets, e.g. of a merged checkpoint against the adapter's."""
+    """The gate's evaluation of any model on a version's sets, e.g. of a merged checkpoint against the adapter's.
+
+    A PeftModel's adapter is switched off to tell which retain items the base reproduces (kept_extractable's set);
+    any other model holds no base to ask, so its kept_extractable is None."""
     sets = _gate_sets(tokenizer, forget_sets, retain_items, holdout_items, config)
+    if isinstance(model, PeftModel):
+        with reference_model(model):
+            sets = base_extractable(model, sets, config)
+    else:
+        sets.pop("kept", None)
     return _verify(model, sets, forget_sets, target, retain_ppl_limit, config)
 
 
@@ -280,24 +307,38 @@ def _verify(
     retain_ppl_limit: float,
     config: UnlearnConfig,
 ) -> Verification:
-    """Each forget set's MA and EL at or below the target, and retain perplexity within the limit; `sets` holds the
-    union of the forget sets, in order, as "forget"."""
+    """Every item of every forget set at its target (evaluation.item_at_target), retain perplexity within the limit
+    and kept_extractable at or above config.kept_extractable_min (when measured); `sets` holds the union of the
+    forget sets, in order, as "forget", and the base's verbatim retain items as "kept" (base_extractable)."""
     ev = _evaluation(model, sets, config)
     retain_ppl = evaluate(ev, ["retain_ppl"])["retain_ppl"]
+    kept = evaluate(ev, KEPT_METRICS) if "kept" in sets else dict.fromkeys(KEPT_METRICS)
     per_item = iter(ev.items("forget") if forget_sets else [])
-    items = {key: [next(per_item) for _ in forget_items] for key, forget_items in forget_sets.items()}
+    items = {
+        key: [(item := next(per_item)) | {"at_target": float(item_at_target(item, target))} for _ in forget_items]
+        for key, forget_items in forget_sets.items()
+    }
     summary = {}
     for key, rows in items.items():
-        ma, el, verbatim = (sum(row[name] for row in rows) / len(rows) for name in ("ma", "el", "verbatim"))
-        passed = ma <= target["forget_ma"] and el <= target["forget_el"]
-        summary[key] = {"forget_ma": ma, "forget_el": el, "verbatim": verbatim, "passed": float(passed)}
+        ma, el, verbatim, at_target = (
+            sum(row[name] for row in rows) / len(rows) for name in ("ma", "el", "verbatim", "at_target")
+        )
+        summary[key] = {
+            "forget_ma": ma, "forget_el": el, "verbatim": verbatim, "at_target": at_target,
+            "passed": float(at_target == 1.0),
+        }  # fmt: skip
+    kept_ok = kept["kept_extractable"] is None or kept["kept_extractable"] >= config.kept_extractable_min
     return Verification(
-        passed=all(s["passed"] for s in summary.values()) and retain_ppl <= retain_ppl_limit,
+        passed=all(s["passed"] for s in summary.values()) and retain_ppl <= retain_ppl_limit and kept_ok,
         target=dict(target),
         retain_ppl=retain_ppl,
         retain_ppl_limit=retain_ppl_limit,
         sets=summary,
         items=items,
+        kept_extractable=kept["kept_extractable"],
+        kept_ma=kept["kept_ma"],
+        kept_records=kept["kept_records"],
+        kept_extractable_min=config.kept_extractable_min,
     )
 
 

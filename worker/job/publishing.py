@@ -29,6 +29,7 @@ def version_metrics(fused: FusedVersion, config: UnlearnConfig, fusion: FusionSe
     return {
         "verification": fused.verification.to_dict(),
         "retain_ppl_tolerance": config.retain_ppl_tolerance,
+        "kept_extractable_min": config.kept_extractable_min,
         "fusion": {"ranks": fused.ranks, "errors": fused.errors, "repaired": fused.repaired},
     }
 
