@@ -295,7 +295,8 @@ def unlearn(
     # the step of the last doubling (the first evaluation at the current scale), None before any
     scaled_at = next((p["step"] for p in curve if p["retain_scale"] == retain_scale), None)
     scaled_at = scaled_at if retain_scale > 1 else None
-    stop_reason = _stop_reason(curve[-1], limits)
+    # a resumed run's last evaluation was already ruled on (it did not stop the run)
+    stop_reason = _stop_reason(curve[-1], limits) if resume is None else None
     while stop_reason is None and step < config.max_steps:
         if should_stop is not None and should_stop():
             stop_reason = "cancelled"
