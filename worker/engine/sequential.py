@@ -267,16 +267,17 @@ def _fused_version(
 
     fused, model, verification = fused_and_verified(state)
     repaired, steps_left = False, settings.repair_steps
-    while not verification.passed and steps_left > 0:
-        # the failing sets, not the union: unlearn() stops on their mean, which one set alone can stay above
+    while not verification.passed and steps_left > 0 and forget_sets:
+        # the failing sets, not the union (unlearn() stops on their mean, which one set alone can stay above); every
+        # held set when only retain perplexity fails, so that mending it does not bring a set back
         failing = {key: items for key, items in forget_sets.items() if not verification.sets[key]["passed"]}
-        if not failing:
-            break  # only retain perplexity fails, which more unlearning cannot mend
-        repair_items = ItemSets([item for items in failing.values() for item in items], retain_items, holdout_items)
-        entry, repair = _repair(model.unload(), tokenizer, fused, repair_items, replace(config, max_steps=steps_left))
+        trained_on = failing or dict(forget_sets)
+        repair_items = ItemSets([item for items in trained_on.values() for item in items], retain_items, holdout_items)
+        repair_config = replace(config, max_steps=steps_left)
+        entry, repair = _repair(model.unload(), tokenizer, fused, repair_items, repair_config, target, retain_ppl_limit)
         steps_left -= repair.steps
         if repair.steps:
-            state = add_entry(state, state.next_key(REPAIR), replace(entry, covers=tuple(failing)))
+            state = add_entry(state, state.next_key(REPAIR), replace(entry, covers=tuple(trained_on)))
             repaired = True
         fused, model, verification = fused_and_verified(state)
         if repair.steps == 0 or repair.stop_reason != "target_reached":
@@ -300,10 +301,18 @@ def _repair(
     fused: FusedAdapter,
     items: ItemSets,
     config: UnlearnConfig,
+    target: Mapping[str, float],
+    retain_ppl_limit: float,
 ) -> tuple[Entry, UnlearnResult]:
-    """A fresh adapter trained on `items` on top of the fused adapter served frozen; `base` comes back unchanged."""
+    """A fresh adapter trained on `items` (forget and retain terms) on top of the fused adapter served frozen, until
+    the gate's own criteria hold on their union; `base` comes back unchanged."""
+
+    def gate_met(point: Mapping[str, float]) -> str | None:
+        forgets = point["forget_ma"] <= target["forget_ma"] and point["forget_el"] <= target["forget_el"]
+        return "target_reached" if forgets and point["retain_ppl"] <= retain_ppl_limit else None
+
     with frozen_delta(base, fused.factors):
-        result = unlearn(base, tokenizer, items, config, adapter_init(config.adapter.init))
+        result = unlearn(base, tokenizer, items, config, adapter_init(config.adapter.init), stop_when=gate_met)
     entry = Entry(REPAIR, adapter_factors(result.model))
     original_base(result.model)
     return entry, result

@@ -171,6 +171,7 @@ def unlearn(
     init: AdapterInit | None = None,
     on_progress: Callable[[Progress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    stop_when: Callable[[Mapping[str, float]], str | None] | None = None,
     on_checkpoint: Callable[[Checkpoint], None] | None = None,
     checkpoint_every: int = 0,
     resume: Checkpoint | None = None,
@@ -181,6 +182,7 @@ def unlearn(
     config.adapter.init; None keeps peft's). A PeftModel is trained further with its own trainable adapter
     (config.adapter and init are then unused); metrics_before, items_before and the target are always the original
     base model's.
+    `stop_when` replaces the stopping rule: given an evaluation point (CURVE_METRICS), a stop reason or None.
     Every `checkpoint_every` steps, and when `should_stop` stops the run, `on_checkpoint` gets a Checkpoint; the same
     call with `resume=` that checkpoint (on a fresh copy of the base model) goes on to the result the uninterrupted
     run would have had.
@@ -236,7 +238,8 @@ def unlearn(
             )
 
     started = time.monotonic() - curve[-1]["seconds"]
-    stop_reason = _stop_reason(curve[-1], target, ppl_limit)
+    rule = stop_when or (lambda point: _stop_reason(point, target, ppl_limit))
+    stop_reason = rule(curve[-1])
     while stop_reason is None and step < config.max_steps:
         if should_stop is not None and should_stop():
             stop_reason = "cancelled"
@@ -258,7 +261,7 @@ def unlearn(
             point = evaluate(_evaluation(model, sets, config), CURVE_METRICS)
             curve.append({"step": step, "seconds": time.monotonic() - started, "loss": loss} | point)
             report(Progress(step, config.max_steps, "unlearning", point))
-            stop_reason = _stop_reason(point, target, ppl_limit)
+            stop_reason = rule(point)
         if checkpoint_every and step % checkpoint_every == 0 and stop_reason is None:
             checkpoint()
     model.eval()
