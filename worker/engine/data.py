@@ -73,13 +73,18 @@ def select_rows(batch: Batch, rows: Tensor | slice) -> Batch:
     return {key: value[:, :width] for key, value in picked.items()}
 
 
-def iterate_batches(batch: Batch, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
-    """Endless mini-batches in a seeded order, reshuffled every pass over the rows."""
-    n = batch["input_ids"].shape[0]
+def iterate_rows(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
+    """Endless mini-batches of row indices in a seeded order, reshuffled every pass over the n rows."""
     while True:
         order = torch.randperm(n, generator=generator)
         for start in range(0, n, batch_size):
-            yield select_rows(batch, order[start : start + batch_size])
+            yield order[start : start + batch_size]
+
+
+def iterate_batches(batch: Batch, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
+    """Endless mini-batches in a seeded order, reshuffled every pass over the rows."""
+    for rows in iterate_rows(batch["input_ids"].shape[0], batch_size, generator):
+        yield select_rows(batch, rows)
 
 
 def chunks(batch: Batch, batch_size: int) -> Iterator[Batch]:

@@ -295,6 +295,7 @@ for _set in ("forget", "holdout"):
     metric(f"{_set}_el")(lambda ev, s=_set: float(ev.extraction(s).el.mean()))
     metric(f"{_set}_repetition")(lambda ev, s=_set: float(ev.extraction(s).repetition.mean()))
 metric("retain_ppl")(lambda ev: _perplexity(ev.scores("retain")))
+metric("kept_ma")(lambda ev: float(ev.scores("kept").ma.mean()))
 metric("general_ppl")(lambda ev: _perplexity(ev.scores("general")))
 
 
@@ -308,6 +309,37 @@ def mia_auc_loss(ev: Evaluation) -> float:
 def mia_auc_min_k(ev: Evaluation) -> float:
     """Min-K% Prob attack (Shi et al. 2024): higher mean of the k% lowest log-probs => member."""
     return auc(ev.scores("forget").min_k, ev.scores("holdout").min_k)
+
+
+@metric("kept_extractable")
+def kept_extractable(ev: Evaluation) -> float:
+    """Collateral damage: of the retain items the base model reproduces verbatim (the "kept" set holds only those),
+    the share greedy decoding still reproduces; 1.0 = no kept record lost (Carlini et al. 2021's extraction test)."""
+    return float(ev.scores("kept").verbatim.mean())
+
+
+@metric("mia_gap_loss")
+def mia_gap_loss(ev: Evaluation) -> float:
+    """|AUC - 0.5| of the LOSS attack: an AUC of 0.36 singles the forgotten items out as surely as 0.64."""
+    return abs(mia_auc_loss(ev) - 0.5)
+
+
+@metric("mia_gap_min_k")
+def mia_gap_min_k(ev: Evaluation) -> float:
+    """|AUC - 0.5| of the Min-K% Prob attack."""
+    return abs(mia_auc_min_k(ev) - 0.5)
+
+
+def item_at_target(item: Mapping[str, float], target: Mapping[str, float]) -> bool:
+    """The per-item forget target (Jang et al. 2022's stopping rule, item by item): greedy decoding does not reproduce
+    the item, its EL_n is at or below the holdout items' mean (`forget_el`) and its MA at or below `item_ma`."""
+    return item["verbatim"] == 0 and item["el"] <= target["forget_el"] and item["ma"] <= target["item_ma"]
+
+
+def holdout_ma_level(ev: Evaluation, quantile: float | None) -> float:
+    """The MA an item must fall to: the holdout items' MA quantile, or their mean for None."""
+    ma = ev.scores("holdout").ma
+    return float(ma.mean() if quantile is None else torch.quantile(ma.double(), quantile))
 
 
 def evaluate(ev: Evaluation, names: list[str] | tuple[str, ...]) -> dict[str, float]:

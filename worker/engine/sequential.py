@@ -3,9 +3,10 @@
 Each job trains its own LoRA adapter: on the original base ("independent") or on the current version with the earlier
 deltas served frozen ("stacked"). Its factors (FILA's base shift folded in, so that it is a delta on the original
 base) join the fusion state, and the version to publish is base + the sum of every entry, compressed to a LoRA of
-bounded rank (fusion.py). Before it is published the fused adapter must forget every forget set whose texts are still
-held and keep retain perplexity within the tolerance; when it does not, a repair trains a new low-rank delta on top of
-it on the failing sets and the retain corpus, and that delta joins the state as a pseudo-job, so every later version
+bounded rank (fusion.py). Before it is published the fused adapter must forget every item of every forget set whose
+texts are still held and keep the utility constraints (retain perplexity, kept_extractable); when it does not, a repair
+trains a new low-rank delta on top of it on the failing sets (every held set when only a constraint fails) and the
+retain corpus, and that delta joins the state as a pseudo-job, so every later version
 keeps it. A shredded request (its texts gone) is checked without them: the version must keep at least 1 - max_undo of
 its contribution (its delta and every repair that covered it) along that contribution (docs/privacy.md).
 A version whose verification did not pass must not be published.
@@ -24,9 +25,9 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from worker.engine.adapters import adapter_factors, frozen_delta, init_factors, lora_layers
+from worker.engine.adapters import adapter_factors, frozen_delta, init_factors, lora_layers, reference_model
 from worker.engine.data import Batch, Item, ItemSets, chunks, encode_items
-from worker.engine.evaluation import evaluate
+from worker.engine.evaluation import evaluate, holdout_ma_level, item_at_target
 from worker.engine.fusion import (
     JOB,
     REPAIR,
@@ -43,7 +44,15 @@ from worker.engine.fusion import (
 )
 from worker.engine.inits import adapter_init
 from worker.engine.settings import settings_from_dict
-from worker.engine.training import UnlearnConfig, UnlearnResult, _evaluation, _evaluation_sets, unlearn
+from worker.engine.training import (
+    KEPT_METRICS,
+    UnlearnConfig,
+    UnlearnResult,
+    _evaluation,
+    _evaluation_sets,
+    base_extractable,
+    unlearn,
+)
 
 FUSION_STATE_FILE = "fusion_state.safetensors"
 MODES = ("independent", "stacked")
@@ -85,14 +94,19 @@ class FusionSettings:
 
 @dataclass
 class Verification:
-    """The gate's evaluation of one fused version: every held forget set and the retain corpus."""
+    """The gate's evaluation of one fused version: every item of every held forget set, and the retain corpus."""
 
     passed: bool
-    target: dict[str, float]  # forget_ma and forget_el each set must fall to: the original base's holdout means
+    target: dict[str, float]  # forget_ma, forget_el: the original base's holdout means; item_ma: an item's MA target
     retain_ppl: float
     retain_ppl_limit: float  # the tolerance times the original base's retain perplexity
-    sets: dict[str, dict[str, float]]  # per held forget set (by job key): forget_ma, forget_el, verbatim, passed (0/1)
-    items: dict[str, list[dict[str, float]]]  # per held forget set: per item nll, ma, el, verbatim, repetition, min_k
+    sets: dict[str, dict[str, float]]  # per held forget set (by job key): forget_ma, forget_el, verbatim,
+    # at_target (share of its items at their target), passed (0/1: every item at target)
+    items: dict[str, list[dict[str, float]]]  # per held forget set: per item nll, ma, el, verbatim, repetition, min_k,
+    # at_target (0/1)
+    kept_extractable: float | None  # None when the base reproduces none of the sampled retain items (or is unknown)
+    kept_ma: float | None
+    kept_extractable_min: float
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -187,6 +201,7 @@ def fuse_job(
     original = {
         "holdout_ma": result.target["forget_ma"],
         "holdout_el": result.target["forget_el"],
+        "item_ma": result.target["item_ma"],
         "retain_ppl": result.metrics_before["retain_ppl"],
     }
     if settings.mode == "stacked" and previous is not None and previous.entries:
@@ -248,12 +263,15 @@ def _fused_version(
     on top of the fused adapter on the failing forget sets, add it to the state, fuse and verify again. Then measure
     how much of each shredded request's contribution the version keeps.
 
-    `original` holds holdout_ma, holdout_el and retain_ppl of the original base; None measures them on `base`.
+    `original` holds holdout_ma, holdout_el, item_ma and retain_ppl of the original base; None measures them on
+    `base`, which also tells the retain items it reproduces verbatim (kept_extractable's set).
     """
-    sets = _gate_sets(tokenizer, forget_sets, retain_items, holdout_items, config)
+    sets = base_extractable(base, _gate_sets(tokenizer, forget_sets, retain_items, holdout_items, config), config)
     if original is None:
-        original = evaluate(_evaluation(base, sets, config), ["holdout_ma", "holdout_el", "retain_ppl"])
-    target = {"forget_ma": original["holdout_ma"], "forget_el": original["holdout_el"]}
+        ev = _evaluation(base, sets, config)
+        original = evaluate(ev, ["holdout_ma", "holdout_el", "retain_ppl"])
+        original["item_ma"] = holdout_ma_level(ev, config.item_ma_quantile)
+    target = {"forget_ma": original["holdout_ma"], "forget_el": original["holdout_el"], "item_ma": original["item_ma"]}
     retain_ppl_limit = config.retain_ppl_tolerance * original["retain_ppl"]
     retain_grams = None
     if settings.mu > 0:
@@ -268,13 +286,14 @@ def _fused_version(
     fused, model, verification = fused_and_verified(state)
     repaired, steps_left = False, settings.repair_steps
     while not verification.passed and steps_left > 0 and forget_sets:
-        # the failing sets, not the union (unlearn() stops on their mean, which one set alone can stay above); every
-        # held set when only retain perplexity fails, so that mending it does not bring a set back
+        # the failing sets (the repair's stopping rule sees only the items that still need it); every held set when
+        # only a utility constraint fails, so that mending it does not bring a set back
         failing = {key: items for key, items in forget_sets.items() if not verification.sets[key]["passed"]}
         trained_on = failing or dict(forget_sets)
         repair_items = ItemSets([item for items in trained_on.values() for item in items], retain_items, holdout_items)
         repair_config = replace(config, max_steps=steps_left)
-        entry, repair = _repair(model.unload(), tokenizer, fused, repair_items, repair_config, target, retain_ppl_limit)
+        limits = {"retain_ppl": retain_ppl_limit, "kept_extractable": config.kept_extractable_min}
+        entry, repair = _repair(model.unload(), tokenizer, fused, repair_items, repair_config, limits)
         steps_left -= repair.steps
         if repair.steps:
             state = add_entry(state, state.next_key(REPAIR), replace(entry, covers=tuple(trained_on)))
@@ -301,18 +320,12 @@ def _repair(
     fused: FusedAdapter,
     items: ItemSets,
     config: UnlearnConfig,
-    target: Mapping[str, float],
-    retain_ppl_limit: float,
+    limits: Mapping[str, float],
 ) -> tuple[Entry, UnlearnResult]:
-    """A fresh adapter trained on `items` (forget and retain terms) on top of the fused adapter served frozen, until
-    the gate's own criteria hold on their union; `base` comes back unchanged."""
-
-    def gate_met(point: Mapping[str, float]) -> str | None:
-        forgets = point["forget_ma"] <= target["forget_ma"] and point["forget_el"] <= target["forget_el"]
-        return "target_reached" if forgets and point["retain_ppl"] <= retain_ppl_limit else None
-
+    """A fresh adapter trained on `items` (forget and retain terms) on top of the fused adapter served frozen, under
+    the gate's own utility limits (measured on the original base); `base` comes back unchanged."""
     with frozen_delta(base, fused.factors):
-        result = unlearn(base, tokenizer, items, config, adapter_init(config.adapter.init), stop_when=gate_met)
+        result = unlearn(base, tokenizer, items, config, adapter_init(config.adapter.init), limits=limits)
     entry = Entry(REPAIR, adapter_factors(result.model))
     original_base(result.model)
     return entry, result
@@ -351,8 +364,16 @@ def verify_model(
     retain_ppl_limit: float,
     config: UnlearnConfig,
 ) -> Verification:
-    """The gate's evaluation of any model on a version's sets, e.g. of a merged checkpoint against the adapter's."""
+    """The gate's evaluation of any model on a version's sets, e.g. of a merged checkpoint against the adapter's.
+
+    A PeftModel's adapter is switched off to tell which retain items the base reproduces (kept_extractable's set);
+    any other model holds no base to ask, so its kept_extractable is None."""
     sets = _gate_sets(tokenizer, forget_sets, retain_items, holdout_items, config)
+    if isinstance(model, PeftModel):
+        with reference_model(model):
+            sets = base_extractable(model, sets, config)
+    else:
+        sets.pop("kept", None)
     return _verify(model, sets, forget_sets, target, retain_ppl_limit, config)
 
 
@@ -364,24 +385,37 @@ def _verify(
     retain_ppl_limit: float,
     config: UnlearnConfig,
 ) -> Verification:
-    """Each forget set's MA and EL at or below the target, and retain perplexity within the limit; `sets` holds the
-    union of the forget sets, in order, as "forget"."""
+    """Every item of every forget set at its target (evaluation.item_at_target), retain perplexity within the limit
+    and kept_extractable at or above config.kept_extractable_min (when measured); `sets` holds the union of the
+    forget sets, in order, as "forget", and the base's verbatim retain items as "kept" (base_extractable)."""
     ev = _evaluation(model, sets, config)
     retain_ppl = evaluate(ev, ["retain_ppl"])["retain_ppl"]
+    kept = evaluate(ev, KEPT_METRICS) if "kept" in sets else dict.fromkeys(KEPT_METRICS)
     per_item = iter(ev.items("forget") if forget_sets else [])
-    items = {key: [next(per_item) for _ in forget_items] for key, forget_items in forget_sets.items()}
+    items = {
+        key: [(item := next(per_item)) | {"at_target": float(item_at_target(item, target))} for _ in forget_items]
+        for key, forget_items in forget_sets.items()
+    }
     summary = {}
     for key, rows in items.items():
-        ma, el, verbatim = (sum(row[name] for row in rows) / len(rows) for name in ("ma", "el", "verbatim"))
-        passed = ma <= target["forget_ma"] and el <= target["forget_el"]
-        summary[key] = {"forget_ma": ma, "forget_el": el, "verbatim": verbatim, "passed": float(passed)}
+        ma, el, verbatim, at_target = (
+            sum(row[name] for row in rows) / len(rows) for name in ("ma", "el", "verbatim", "at_target")
+        )
+        summary[key] = {
+            "forget_ma": ma, "forget_el": el, "verbatim": verbatim, "at_target": at_target,
+            "passed": float(at_target == 1.0),
+        }  # fmt: skip
+    kept_ok = kept["kept_extractable"] is None or kept["kept_extractable"] >= config.kept_extractable_min
     return Verification(
-        passed=all(s["passed"] for s in summary.values()) and retain_ppl <= retain_ppl_limit,
+        passed=all(s["passed"] for s in summary.values()) and retain_ppl <= retain_ppl_limit and kept_ok,
         target=dict(target),
         retain_ppl=retain_ppl,
         retain_ppl_limit=retain_ppl_limit,
         sets=summary,
         items=items,
+        kept_extractable=kept["kept_extractable"],
+        kept_ma=kept["kept_ma"],
+        kept_extractable_min=config.kept_extractable_min,
     )
 
 

@@ -1,8 +1,12 @@
 """The unlearning run: attach a LoRA adapter, train it with an objective until the stopping rule fires, measure.
 
-Stopping rule (Jang et al. 2022, arXiv 2210.01504, as used by Cha et al. 2024): train until the forget items'
-memorization accuracy and extraction likelihood fall to the mean of the same metrics on holdout items, unless
-retain perplexity first rises past the tolerance, the caller cancels, or the step budget runs out.
+Stopping rule (Jang et al. 2022, arXiv 2210.01504, as used by Cha et al. 2024, applied item by item): train until
+EVERY forget item is at its target (evaluation.item_at_target: not reproduced verbatim, EL_n at or below the holdout
+items' mean, MA at or below the holdout mean or quantile), under two utility constraints: retain perplexity within
+the tolerance and `kept_extractable` (the share of the retain items the base reproduces verbatim that are still
+reproduced) at or above its minimum. A broken constraint doubles the objective's retain weight (the loop's
+`retain_scale`) up to `retain_weight_doublings` times before the run stops on it; the run also stops when the
+caller cancels or the step budget runs out.
 """
 
 from __future__ import annotations
@@ -28,8 +32,17 @@ from worker.engine.adapters import (
     save_adapter,
     trainable_state,
 )
-from worker.engine.data import Batch, ItemSets, chunks, encode_items, iterate_batches, select_rows, to_device
-from worker.engine.evaluation import Evaluation, evaluate
+from worker.engine.data import (
+    Batch,
+    ItemSets,
+    chunks,
+    encode_items,
+    iterate_batches,
+    iterate_rows,
+    select_rows,
+    to_device,
+)
+from worker.engine.evaluation import Evaluation, evaluate, holdout_ma_level, item_at_target, score_items
 from worker.engine.inits import ADAPTER_INITS, AdapterInit
 from worker.engine.mgda import min_norm_weights
 from worker.engine.objectives import OBJECTIVES, LossInputs, Objective, get_objective, retain_nll
@@ -40,8 +53,9 @@ CURVE_METRICS = ("forget_ma", "forget_el", "retain_ppl")
 REPORT_METRICS = (
     "forget_ma", "forget_el", "forget_nll", "forget_verbatim", "forget_repetition",
     "holdout_ma", "holdout_el", "holdout_nll", "holdout_verbatim", "holdout_repetition",
-    "retain_ma", "retain_ppl", "mia_auc_loss", "mia_auc_min_k",
+    "retain_ma", "retain_ppl", "mia_auc_loss", "mia_auc_min_k", "mia_gap_loss", "mia_gap_min_k",
 )  # fmt: skip
+KEPT_METRICS = ("kept_extractable", "kept_ma")  # when the base reproduces any sampled retain item
 
 
 @dataclass
@@ -56,7 +70,12 @@ class UnlearnConfig:
     params: dict[str, float] = field(default_factory=dict)  # overrides of the objective's defaults
     max_length: int = 256
     el_n: int = 10  # n of EL_n (Jang et al. 2022 use 10)
-    retain_ppl_tolerance: float = 1.5  # stop when retain perplexity exceeds this multiple of its value before
+    retain_ppl_tolerance: float = 1.1  # constraint: retain perplexity at most this multiple of the base's
+    kept_extractable_min: float = 0.95  # constraint: share of the base's verbatim retain items still verbatim
+    kept_eval_items: int = 64  # prompt/completion retain items sampled for kept_extractable (0: not measured)
+    item_ma_quantile: float | None = None  # an item's MA target: this quantile of the holdout MAs; None: their mean
+    per_item_stopping: bool = False  # forget batches leave out the items at their target at the last evaluation
+    retain_weight_doublings: int = 3  # a broken constraint doubles the retain weight, at most this many times
     retain_eval_items: int = 64  # retain items (and general text items) sampled for perplexity
     eval_batch_size: int = 32  # rows per teacher-forced evaluation pass
     generation_batch_size: int = 256  # prompts decoded together for extraction metrics
@@ -81,6 +100,14 @@ class UnlearnConfig:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
         if not self.retain_ppl_tolerance >= 1:
             raise ValueError(f"retain_ppl_tolerance is a ratio >= 1, got {self.retain_ppl_tolerance}")
+        for name in ("kept_eval_items", "retain_weight_doublings"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be at least 0, got {getattr(self, name)}")
+        if not 0 <= self.kept_extractable_min <= 1:
+            raise ValueError(f"kept_extractable_min is a share within [0, 1], got {self.kept_extractable_min}")
+        q = self.item_ma_quantile
+        if q is not None and (isinstance(q, bool) or not isinstance(q, int | float) or not 0 <= q <= 1):
+            raise ValueError(f"item_ma_quantile must be null or within [0, 1], got {q!r}")
         self.objective_params()
 
     def objective_params(self) -> dict[str, float]:
@@ -120,12 +147,13 @@ class UnlearnResult:
     model: PeftModel
     stop_reason: str  # "target_reached" | "step_budget" | "utility_tolerance" | "cancelled"
     steps: int
-    curve: list[dict[str, float]]  # per evaluation: step, seconds, loss and CURVE_METRICS
-    target: dict[str, float]  # the holdout means forget_ma and forget_el must fall to
-    items_before: list[dict[str, float]]  # per forget item: nll, ma, el, verbatim, repetition, min_k
+    curve: list[dict[str, float]]  # per evaluation: step, seconds, loss, CURVE_METRICS, the kept ones and
+    # items_at_target (share of forget items at their target), retain_scale (the retain weight's multiplier)
+    target: dict[str, float]  # forget_ma, forget_el: the holdout means; item_ma: each item's MA target
+    items_before: list[dict[str, float]]  # per forget item: nll, ma, el, verbatim, repetition, min_k, at_target
     items_after: list[dict[str, float]]
-    metrics_before: dict[str, float]  # REPORT_METRICS (and general_ppl when the retain items include text)
-    metrics_after: dict[str, float]
+    metrics_before: dict[str, float]  # REPORT_METRICS, KEPT_METRICS (when measured), general_ppl (when the retain
+    metrics_after: dict[str, float]  # items include text) and items_at_target
 
     def save_adapter(self, out_dir: Path) -> None:
         """Publish the adapter as standard peft LoRA files that apply to the original base model."""
@@ -143,6 +171,7 @@ class Checkpoint:
     target: dict[str, float]
     metrics_before: dict[str, float]
     items_before: list[dict[str, float]]
+    at_target: list[int] = field(default_factory=list)  # forget rows at their target at the last evaluation
 
     def save(self, path: Path) -> None:
         torch.save(asdict(self), path)
@@ -171,7 +200,7 @@ def unlearn(
     init: AdapterInit | None = None,
     on_progress: Callable[[Progress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
-    stop_when: Callable[[Mapping[str, float]], str | None] | None = None,
+    limits: Mapping[str, float] | None = None,
     on_checkpoint: Callable[[Checkpoint], None] | None = None,
     checkpoint_every: int = 0,
     resume: Checkpoint | None = None,
@@ -182,7 +211,7 @@ def unlearn(
     config.adapter.init; None keeps peft's). A PeftModel is trained further with its own trainable adapter
     (config.adapter and init are then unused); metrics_before, items_before and the target are always the original
     base model's.
-    `stop_when` replaces the stopping rule: given an evaluation point (CURVE_METRICS), a stop reason or None.
+    `limits` replaces the utility constraints (retain_ppl, kept_extractable) measured against the reference model.
     Every `checkpoint_every` steps, and when `should_stop` stops the run, `on_checkpoint` gets a Checkpoint; the same
     call with `resume=` that checkpoint (on a fresh copy of the base model) goes on to the result the uninterrupted
     run would have had.
@@ -194,7 +223,7 @@ def unlearn(
     forget = encode_items(tokenizer, items.forget, config.max_length)
     retain = encode_items(tokenizer, items.retain, config.max_length)
     sets = _evaluation_sets(tokenizer, items, config)
-    forget_batches = iterate_batches(forget, config.batch_size, generator)
+    forget_batches = iterate_rows(forget["input_ids"].shape[0], config.batch_size, generator)
     retain_batches = iterate_batches(retain, config.batch_size, generator)
 
     if isinstance(model, PeftModel):
@@ -212,34 +241,47 @@ def unlearn(
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
 
-    if resume is None:
-        with reference_model(model):  # exactly the outputs of a fresh adapter; the original's for a trained one
+    with reference_model(model):  # exactly the outputs of a fresh adapter; the original's for a trained one
+        sets = base_extractable(model, sets, config)
+        if resume is None:
             before = _evaluation(model, sets, config)
             metrics_before = evaluate(before, _report_metrics(sets))
-            items_before = before.items("forget")
-        target = {"forget_ma": metrics_before["holdout_ma"], "forget_el": metrics_before["holdout_el"]}
-        curve = [{"step": 0, "seconds": 0.0} | {name: metrics_before[name] for name in CURVE_METRICS}]
-        step = 0
+            target = forget_target(before, config)
+            items_before = _items_at_target(before, target)
+            metrics_before["items_at_target"] = _share_at_target(items_before)
+    if resume is None:
+        curve = [{"step": 0, "seconds": 0.0} | _curve_point(metrics_before) | {"retain_scale": 1.0}]
+        step, at_target = 0, [row for row, item in enumerate(items_before) if item["at_target"]]
     else:
         load_trainable_state(model, resume.adapter)
         optimizer.load_state_dict(resume.optimizer)
         metrics_before, items_before, target = resume.metrics_before, resume.items_before, resume.target
-        curve, step = list(resume.curve), resume.step
+        curve, step, at_target = list(resume.curve), resume.step, list(resume.at_target)
         for _ in range(step):  # the batches the stopped run already trained on
             next(forget_batches), next(retain_batches)
-    ppl_limit = config.retain_ppl_tolerance * metrics_before["retain_ppl"]
+    limits = dict(
+        limits
+        or {
+            "retain_ppl": config.retain_ppl_tolerance * metrics_before["retain_ppl"],
+            "kept_extractable": config.kept_extractable_min,
+        }
+    )
     report(Progress(step, config.max_steps, "baseline", metrics_before))
 
     def checkpoint() -> None:
         if on_checkpoint is not None:
             state = copy.deepcopy(optimizer.state_dict())
             on_checkpoint(
-                Checkpoint(step, trainable_state(model), state, list(curve), target, metrics_before, items_before)
+                Checkpoint(
+                    step, trainable_state(model), state, list(curve), target, metrics_before, items_before, at_target
+                )
             )
 
     started = time.monotonic() - curve[-1]["seconds"]
-    rule = stop_when or (lambda point: _stop_reason(point, target, ppl_limit))
-    stop_reason = rule(curve[-1])
+    retain_scale = curve[-1].get("retain_scale", 1.0)  # a checkpoint from before the constraints has none
+    stop_reason = _stop_reason(curve[-1], limits)
+    if step == 0 and stop_reason == "utility_tolerance" and _can_react(params, retain_scale, config):
+        retain_scale, stop_reason = 2 * retain_scale, None  # a repair on a version that already breaks a constraint
     while stop_reason is None and step < config.max_steps:
         if should_stop is not None and should_stop():
             stop_reason = "cancelled"
@@ -248,20 +290,31 @@ def unlearn(
         step += 1
         model.train()
         optimizer.zero_grad(set_to_none=True)
-        f, r = to_device(next(forget_batches), model.device), to_device(next(retain_batches), model.device)
+        rows = next(forget_batches)
+        if config.per_item_stopping:
+            rows = _not_at_target(rows, at_target, forget["input_ids"].shape[0], config.batch_size)
+        f, r = to_device(select_rows(forget, rows), model.device), to_device(next(retain_batches), model.device)
+        step_params = _scaled_retain(params, retain_scale)
         if config.mgda:
-            loss = common_descent_step(model, objective, params, f, r, trainable)
+            loss = common_descent_step(model, objective, step_params, f, r, trainable)
         elif objective.alternate:
-            loss = _alternating_step(model, objective, params, f, r, step)
+            loss = _alternating_step(model, objective, step_params, f, r, step)
         else:
-            loss = _summed_step(model, objective, params, f, r)
+            loss = _summed_step(model, objective, step_params, f, r)
         optimizer.step()
 
         if step % config.eval_every == 0 or step == config.max_steps:
-            point = evaluate(_evaluation(model, sets, config), CURVE_METRICS)
+            ev = _evaluation(model, sets, config)
+            point = evaluate(ev, _curve_metrics(sets))
+            items = _items_at_target(ev, target)
+            at_target = [row for row, item in enumerate(items) if item["at_target"]]
+            point["items_at_target"] = _share_at_target(items)
+            stop_reason = _stop_reason(point, limits)
+            if stop_reason == "utility_tolerance" and _can_react(params, retain_scale, config):
+                retain_scale, stop_reason = 2 * retain_scale, None  # react to the broken constraint, do not stop
             curve.append({"step": step, "seconds": time.monotonic() - started, "loss": loss} | point)
+            curve[-1]["retain_scale"] = retain_scale
             report(Progress(step, config.max_steps, "unlearning", point))
-            stop_reason = rule(point)
         if checkpoint_every and step % checkpoint_every == 0 and stop_reason is None:
             checkpoint()
     model.eval()
@@ -281,6 +334,8 @@ def unlearn(
 
     after = _evaluation(model, sets, config)
     metrics_after = evaluate(after, _report_metrics(sets))
+    items_after = _items_at_target(after, target)
+    metrics_after["items_at_target"] = _share_at_target(items_after)
     report(Progress(step, config.max_steps, "done", metrics_after))
     return UnlearnResult(
         model=model,
@@ -289,25 +344,83 @@ def unlearn(
         curve=curve,
         target=target,
         items_before=items_before,
-        items_after=after.items("forget"),
+        items_after=items_after,
         metrics_before=metrics_before,
         metrics_after=metrics_after,
     )
 
 
-def _stop_reason(point: Mapping[str, float], target: Mapping[str, float], ppl_limit: float) -> str | None:
-    # a tripped tolerance wins over a reached target: the damage is what the caller must hear about
-    if point["retain_ppl"] > ppl_limit:
+def _stop_reason(point: Mapping[str, float], limits: Mapping[str, float]) -> str | None:
+    """ "utility_tolerance" when a constraint is broken, else "target_reached" when every forget item is at its
+    target, else None; a broken constraint wins over a reached target: the damage is what the caller must hear."""
+    kept = point.get("kept_extractable")  # absent when the base reproduces none of the sampled retain items
+    if point["retain_ppl"] > limits["retain_ppl"] or (kept is not None and kept < limits["kept_extractable"]):
         return "utility_tolerance"
-    if point["forget_ma"] <= target["forget_ma"] and point["forget_el"] <= target["forget_el"]:
+    if point["items_at_target"] == 1.0:
         return "target_reached"
     return None
 
 
+def _can_react(params: Mapping[str, float], retain_scale: float, config: UnlearnConfig) -> bool:
+    """Whether a broken constraint can still double the retain weight: the objective has one and doublings are left."""
+    return "retain_weight" in params and retain_scale < 2**config.retain_weight_doublings
+
+
+def _scaled_retain(params: Mapping[str, float], retain_scale: float) -> dict[str, float]:
+    """The objective's params with the retain weight multiplied by the loop's retain_scale (1 until a constraint
+    broke)."""
+    if "retain_weight" not in params:
+        return dict(params)
+    return dict(params) | {"retain_weight": params["retain_weight"] * retain_scale}
+
+
+def _not_at_target(rows: Tensor, at_target: list[int], n: int, batch_size: int) -> Tensor:
+    """Per-item stopping: the drawn rows not at their target; when all of them are, the first `batch_size` rows
+    that are not (no extra draw, so a resumed run sees the same batches)."""
+    done = torch.zeros(n, dtype=torch.bool)
+    done[at_target] = True
+    left = rows[~done[rows]]
+    return left if len(left) else (~done).nonzero()[:batch_size, 0]
+
+
+def forget_target(before: Evaluation, config: UnlearnConfig) -> dict[str, float]:
+    """From the base model's evaluation: the holdout means of MA and EL_n, and each item's MA target."""
+    means = evaluate(before, ["holdout_ma", "holdout_el"])
+    return {
+        "forget_ma": means["holdout_ma"],
+        "forget_el": means["holdout_el"],
+        "item_ma": holdout_ma_level(before, config.item_ma_quantile),
+    }
+
+
+def _items_at_target(ev: Evaluation, target: Mapping[str, float]) -> list[dict[str, float]]:
+    """The forget items' metrics, each with at_target (1.0 when the item meets the per-item target)."""
+    return [item | {"at_target": float(item_at_target(item, target))} for item in ev.items("forget")]
+
+
+def _share_at_target(items: list[dict[str, float]]) -> float:
+    return sum(item["at_target"] for item in items) / len(items)
+
+
+def base_extractable(base: nn.Module, sets: Mapping[str, Batch], config: UnlearnConfig) -> dict[str, Batch]:
+    """`sets` with "kept" narrowed to the items `base` (the original model) reproduces verbatim; without any, no
+    "kept" set (kept_extractable is then not measured)."""
+    sets = dict(sets)
+    if "kept" not in sets:
+        return sets
+    kept = sets.pop("kept")
+    verbatim = score_items(base, kept, config.eval_batch_size).verbatim.bool()
+    if verbatim.any():
+        sets["kept"] = select_rows(kept, verbatim.nonzero()[:, 0])
+    return sets
+
+
 def _evaluation_sets(tokenizer: PreTrainedTokenizerBase, items: ItemSets, config: UnlearnConfig) -> dict[str, Batch]:
-    """forget, holdout, a seeded sample of retain items and (when there are any) of the retain text items."""
+    """forget, holdout, a seeded sample of retain items, (when there are any) of the retain text items and of the
+    prompt/completion retain items ("kept": base_extractable narrows it to those the base reproduces)."""
     sample = random.Random(config.seed)
     general = [item for item in items.retain if "text" in item]
+    records = [item for item in items.retain if "text" not in item]
     sets = {
         "forget": items.forget,
         "holdout": items.holdout,
@@ -315,6 +428,8 @@ def _evaluation_sets(tokenizer: PreTrainedTokenizerBase, items: ItemSets, config
     }
     if general:
         sets["general"] = sample.sample(general, min(len(general), config.retain_eval_items))
+    if records and config.kept_eval_items:
+        sets["kept"] = sample.sample(records, min(len(records), config.kept_eval_items))
     return {name: encode_items(tokenizer, items, config.max_length) for name, items in sets.items()}
 
 
@@ -323,7 +438,20 @@ def _evaluation(model: PeftModel, sets: Mapping[str, Batch], config: UnlearnConf
 
 
 def _report_metrics(sets: Mapping[str, Batch]) -> tuple[str, ...]:
-    return REPORT_METRICS + (("general_ppl",) if "general" in sets else ())
+    return REPORT_METRICS + (("general_ppl",) if "general" in sets else ()) + _kept_metrics(sets)
+
+
+def _curve_metrics(sets: Mapping[str, Batch]) -> tuple[str, ...]:
+    return CURVE_METRICS + _kept_metrics(sets)
+
+
+def _kept_metrics(sets: Mapping[str, Batch]) -> tuple[str, ...]:
+    return KEPT_METRICS if "kept" in sets else ()
+
+
+def _curve_point(metrics: Mapping[str, float]) -> dict[str, float]:
+    names = (*CURVE_METRICS, *KEPT_METRICS, "items_at_target")
+    return {name: metrics[name] for name in names if name in metrics}
 
 
 # ---- one optimisation step each: gradients into .grad, the loss value back -----------------------------------
