@@ -27,6 +27,7 @@ from worker.engine.fusion import (
     input_grams,
     kept_along,
     load_fusion_state,
+    outside,
     remove_job,
     retain_protected,
     save_fusion_state,
@@ -177,6 +178,21 @@ def test_kept_along_is_one_for_the_contribution_plus_orthogonal_terms_and_falls_
     assert kept_along({LAYER: (0.3 * b, a)}, c) == pytest.approx(0.3, rel=1e-5)
     undone = {LAYER: (torch.cat([b, -0.8 * b], 1), torch.cat([a, a], 0))}
     assert kept_along(undone, c) == pytest.approx(0.2, rel=1e-4)
+
+
+def test_outside_removes_exactly_the_block_inside_the_kept_spaces_so_it_cannot_undo_them():
+    kept, repair = job(0, rank=2).factors, job(50, rank=3).factors
+    (b, a), r = outside(repair, kept)[LAYER], delta(job(50, rank=3))
+    assert b.shape == (5, 6) and a.shape == (6, 8)
+    u = torch.linalg.qr(kept[LAYER][0])[0]
+    v = torch.linalg.qr(kept[LAYER][1].mT)[0]
+    torch.testing.assert_close(b @ a, r - u @ u.mT @ r @ v @ v.mT, rtol=1e-4, atol=1e-5)
+    assert torch.linalg.norm(u.mT @ (b @ a) @ v) < 1e-5  # nothing left inside the block
+    undoing = {LAYER: (-kept[LAYER][0], kept[LAYER][1])}  # a repair that would cancel the kept contribution
+    version = stacked_factors([Entry(JOB, kept), Entry(REPAIR, outside(undoing, kept))])
+    assert kept_along(version, kept) == pytest.approx(1.0, abs=1e-4)
+        {LAYER: stacked_factors([Entry(JOB, kept), Entry(REPAIR, outside(undoing, kept))])[LAYER]}, kept
+    ) == pytest.approx(1.0, abs=1e-4)
 
 
 def test_kept_along_takes_the_worst_layer_that_carries_the_contribution():

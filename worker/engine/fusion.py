@@ -146,6 +146,18 @@ def retain_protected(factors: Factors, retain_grams: Mapping[str, Tensor], mu: f
     return out
 
 
+def outside(factors: Factors, kept: Factors) -> Factors:
+    """The delta R = B A with its block inside `kept`'s spaces taken out: R - U U^T R V V^T, U and V orthonormal bases
+    of the column space of kept's B and the row space of its A, as factors [B, -U U^T B] @ [A; A V V^T]."""
+    out = {}
+    for name, (b, a) in factors.items():
+        u = torch.linalg.qr(kept[name][0].double())[0]
+        v = torch.linalg.qr(kept[name][1].double().mT)[0]
+        inside_b, inside_a = u @ (u.mT @ b.double()), (a.double() @ v) @ v.mT
+        out[name] = (torch.cat([b, -inside_b.to(b)], dim=1), torch.cat([a, inside_a.to(a)], dim=0))
+    return out
+
+
 def kept_along(fused: Factors, contribution: Factors, min_share: float = 0.01) -> float:
     """How much of a contribution C the fused delta F keeps along C itself: per layer <F, C> / ||C||^2 (1 when F holds
     C unchanged plus terms orthogonal to it), the smallest over the layers carrying at least `min_share` of ||C||^2.

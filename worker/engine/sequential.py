@@ -7,8 +7,9 @@ bounded rank (fusion.py). Before it is published the fused adapter must forget e
 texts are still held and keep the utility constraints (retain perplexity, kept_extractable); when it does not, a repair
 trains a new low-rank delta on top of it on the failing sets (every held set when only a constraint fails) and the
 retain corpus, and that delta joins the state as a pseudo-job, so every later version
-keeps it. A shredded request (its texts gone) is checked without them: the version must keep at least 1 - max_undo of
-its contribution (its delta and every repair that covered it) along that contribution (docs/privacy.md).
+keeps it. A shredded request (its texts gone) is protected without them: a repair never acts inside the column and row
+spaces of its contribution (its delta and every repair that covered it), and the version must keep at least
+1 - max_undo of that contribution along itself (docs/privacy.md).
 A version whose verification did not pass must not be published.
 """
 
@@ -38,6 +39,7 @@ from worker.engine.fusion import (
     fused_lora,
     input_grams,
     kept_along,
+    outside,
     remove_job,
     save_fusion_state,
     stacked_factors,
@@ -283,6 +285,7 @@ def _fused_version(
         model = _served(base, fused)
         return fused, model, _verify(model, sets, forget_sets, target, retain_ppl_limit, config)
 
+    shredded = [job for job in state.covered if job not in forget_sets]
     fused, model, verification = fused_and_verified(state)
     repaired, steps_left = False, settings.repair_steps
     while not verification.passed and steps_left > 0 and forget_sets:
@@ -296,12 +299,14 @@ def _fused_version(
         entry, repair = _repair(model.unload(), tokenizer, fused, repair_items, repair_config, limits)
         steps_left -= repair.steps
         if repair.steps:
+            if shredded:  # a repair never acts inside a shredded request's block: it cannot undo it there
+                kept = [e for job in shredded for e in state.contribution(job)]
+                entry = replace(entry, factors=outside(entry.factors, stacked_factors(kept)))
             state = add_entry(state, state.next_key(REPAIR), replace(entry, covers=tuple(trained_on)))
             repaired = True
         fused, model, verification = fused_and_verified(state)
         if repair.steps == 0 or repair.stop_reason != "target_reached":
             break
-    shredded = [job for job in state.covered if job not in forget_sets]
     kept = {job: kept_along(fused.factors, stacked_factors(state.contribution(job))) for job in shredded}
     return FusedVersion(model, fused, _on_cpu(state), verification, repaired, kept, settings.max_undo)
 
