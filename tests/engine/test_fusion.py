@@ -191,8 +191,6 @@ def test_outside_removes_exactly_the_block_inside_the_kept_spaces_so_it_cannot_u
     undoing = {LAYER: (-kept[LAYER][0], kept[LAYER][1])}  # a repair that would cancel the kept contribution
     version = stacked_factors([Entry(JOB, kept), Entry(REPAIR, outside(undoing, kept))])
     assert kept_along(version, kept) == pytest.approx(1.0, abs=1e-4)
-        {LAYER: stacked_factors([Entry(JOB, kept), Entry(REPAIR, outside(undoing, kept))])[LAYER]}, kept
-    ) == pytest.approx(1.0, abs=1e-4)
 
 
 def test_kept_along_takes_the_worst_layer_that_carries_the_contribution():
