@@ -1,8 +1,8 @@
 """Runs one job: the database is read and written by the parts in worker/job/, the engine does the math.
 
-A training job unlearns its batch with a fresh LoRA adapter, fuses that adapter with every earlier job's (from the
-previous version's fusion_state.safetensors), verifies the fused adapter on every forget set still held plus retain
-text, and publishes it as the model's next version.
+A training job unlearns its batch with a fresh LoRA adapter, adds its low-rank delta to the previous version's fusion
+state (fusion_state.safetensors: every earlier job's LoRA factors), verifies the superposition on every forget set still
+held plus retain text, checks it weakens no shredded request, and publishes it as the model's next version.
 An unmerge job takes one earlier job back out of the fused adapter and publishes the result the same way.
 """
 
@@ -19,14 +19,14 @@ from app.core.config import Settings
 from app.core.db import session_scope
 from app.jobs.models import UNMERGE, JobStatus, UnlearningJob, job_key, job_scratch
 from worker.engine import (
+    FusedVersion,
     FusionSettings,
     ItemSets,
     UnlearnConfig,
-    adapter_init,
     default_device,
     fuse_job,
     load_causal_lm,
-    unlearn,
+    unlearn_job,
     unmerge_job,
 )
 from worker.engine.memory import check_fits, job_plan
@@ -45,6 +45,13 @@ def engine_settings(config: dict) -> tuple[UnlearnConfig, FusionSettings]:
     if values.get("method") == UNMERGE:
         values.pop("method")
     return UnlearnConfig.from_dict(values), FusionSettings.from_dict(config.get("fusion", {}))
+
+
+def refusal(what: str, fused: FusedVersion) -> str:
+    if not fused.verification.passed:
+        return f"{what} failed verification, even after repair"
+    weakened = sorted(job for job, kept in fused.shredded_kept.items() if kept < 1 - fused.max_undo)
+    return f"{what} would weaken the forgetting of shredded requests' jobs {', '.join(weakened)}"
 
 
 def current_version(inputs: JobInputs) -> int | None:
@@ -67,12 +74,15 @@ def train_and_fuse(inputs: JobInputs, settings: Settings, store: ArtifactStore, 
             record(session, ACTOR, "job.resumed", "job", inputs.job_id, step=resume.step, attempt=inputs.attempt)
             session.commit()
     items = ItemSets(inputs.forget_items, inputs.retain_items, inputs.holdout_items, inputs.held_sets)
-    result = unlearn(
+    parent = current_version(inputs)  # jobs of a model run one at a time: no other version appears meanwhile
+    previous = previous_state(store, inputs.model_name, parent)
+    result = unlearn_job(
         model,
         tokenizer,
         items,
+        previous,
         config,
-        adapter_init(config.adapter.init),
+        fusion,
         on_progress=progress,
         should_stop=monitor.should_stop,
         on_checkpoint=partial(save_checkpoint, store, inputs.job_id),
@@ -86,8 +96,6 @@ def train_and_fuse(inputs: JobInputs, settings: Settings, store: ArtifactStore, 
             {"target": result.target, "after": result.metrics_after, "curve": result.curve},
         )
     set_state(inputs, JobStatus.evaluating, "fusing and verifying", stop_reason=result.stop_reason)
-    parent = current_version(inputs)
-    previous = previous_state(store, inputs.model_name, parent)
     fused = fuse_job(result, tokenizer, job_key(inputs.job_id), items, previous, config, fusion)
     metrics = version_metrics(fused, config, fusion)
     metrics["job"] = {
@@ -98,8 +106,8 @@ def train_and_fuse(inputs: JobInputs, settings: Settings, store: ArtifactStore, 
         "steps": result.steps,
         "curve": result.curve,
     }
-    if not fused.verification.passed:
-        raise PublicationRefused("the fused adapter failed verification, even after repair", metrics)
+    if not fused.publishable:
+        raise PublicationRefused(refusal("the fused adapter", fused), metrics)
     monitor.check()  # the last point a cancel or a stopping worker can take effect
     set_state(inputs, JobStatus.publishing, "publishing")
     items = per_request(inputs, result.items_before, fused.verification.items[job_key(inputs.job_id)])
@@ -113,16 +121,18 @@ def unmerge(inputs: JobInputs, settings: Settings, store: ArtifactStore, monitor
     set_state(inputs, JobStatus.evaluating, "unmerging and verifying", removed_job=removed)
     parent = current_version(inputs)
     state = previous_state(store, inputs.model_name, parent)
-    if state is None or job_key(removed) not in state.jobs:
+    if state is None or job_key(removed) not in state.covered:
         raise PublicationRefused(f"job {removed} is not part of the current fused adapter")
+    if job_key(removed) not in state.jobs:
+        raise PublicationRefused(f"job {removed} is carried by a version of the former format, not separable")
     # the gate runs on the unquantised base, as published adapters are served on it
     settings = replace(config.model, quantization="none")
     model, tokenizer = load_causal_lm(inputs.model_path, inputs.tokenizer_path, settings=settings)
     items = ItemSets((), inputs.retain_items, inputs.holdout_items, inputs.held_sets)
     fused = unmerge_job(model, tokenizer, state, job_key(removed), items, config, fusion)
     metrics = version_metrics(fused, config, fusion)
-    if not fused.verification.passed:
-        raise PublicationRefused("the adapter without the unmerged job failed verification", metrics)
+    if not fused.publishable:
+        raise PublicationRefused(refusal("the adapter without the unmerged job", fused), metrics)
     monitor.check()
     set_state(inputs, JobStatus.publishing, "publishing")
     version = publish_fused(store, inputs, parent, fused, metrics, engine_dict(config, fusion))

@@ -69,7 +69,7 @@ def publish_version(name: str, fused, corpora, settings) -> tuple[int, str, str]
     key, (trained,) = job_key(job_id), fused.state.jobs
     version = replace(
         fused,
-        state=replace(fused.state, jobs={key: fused.state.jobs[trained]}),
+        state=replace(fused.state, entries={key: fused.state.entries[trained]}),
         verification=replace(
             fused.verification,
             sets={key: fused.verification.sets[trained]},

@@ -14,6 +14,7 @@ from worker.engine.sequential import (
     fuse_job,
     fuse_state,
     original_base,
+    unlearn_job,
     unmerge_job,
     verify_model,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "load_causal_lm",
     "original_base",
     "unlearn",
+    "unlearn_job",
     "unmerge_job",
     "verify_model",
 ]

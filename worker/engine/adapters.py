@@ -7,7 +7,7 @@ each LoRA layer; everything here that must answer "relative to the ORIGINAL base
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,14 +181,38 @@ def save_adapter(peft_model: PeftModel, out_dir: Path) -> None:
     )
 
 
-def adapter_deltas(peft_model: PeftModel) -> dict[str, Tensor]:
-    """Per adapted Linear (named as in the base model), its fp32 weight delta against the ORIGINAL base."""
+def adapter_factors(peft_model: PeftModel) -> dict[str, tuple[Tensor, Tensor]]:
+    """Per adapted Linear (named as in the base model), fp32 factors (B, A) whose B @ A is its weight delta against
+    the weights the adapter was attached to: s*B folded, and for FILA [s*B, -s*B0] @ [A; A0] (rank 2r)."""
     adapter = peft_model.active_adapter
-    deltas = {}
+    factors = {}
     for name, layer in lora_layers(peft_model.get_base_model()).items():
         b, a = _published_factors(layer, adapter)
-        deltas[name] = layer.scaling[adapter] * (b.float() @ a.float())
-    return deltas
+        factors[name] = (layer.scaling[adapter] * b.float(), a.float())
+    return factors
+
+
+@contextmanager
+def frozen_delta(model: nn.Module, factors: Mapping[str, tuple[Tensor, Tensor]]) -> Iterator[nn.Module]:
+    """Inside, each named Linear of `model` (a plain model, before an adapter wraps it) outputs W x + B A x: earlier
+    deltas served as they are, frozen, without touching the weights (so they come back exactly on exit)."""
+
+    def adding(b: Tensor, a: Tensor) -> Callable[[nn.Module, tuple[Tensor, ...], Tensor], Tensor]:
+        def hook(_module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor:
+            return output + ((args[0] @ a.mT.to(args[0])) @ b.mT.to(args[0]))
+
+        return hook
+
+    device = next(model.parameters()).device
+    handles = [
+        model.get_submodule(name).register_forward_hook(adding(b.to(device), a.to(device)))
+        for name, (b, a) in factors.items()
+    ]
+    try:
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def save_lora_factors(

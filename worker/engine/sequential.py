@@ -1,12 +1,16 @@
-"""Publishing a job's unlearning as the fusion of every job so far, behind a verification gate.
+"""Publishing a job's unlearning as the superposition of every job so far, behind a verification gate.
 
-Each job trains its own adapter on the original base model. Its statistics (the Gram matrices of its layers' inputs
-on its forget tokens and its delta against the original base) join a running fusion state, and the version to
-publish is the closed-form fusion of every job in the state, compressed to a LoRA (EUL, Chen & Yang 2023, arXiv
-2310.20150; see fusion.py). Before it is published the fused adapter must forget every forget set whose texts are
-still held, item by item, and keep the utility constraints (retain perplexity within the tolerance, kept_extractable at
-or above its minimum); when it does not, a short repair pass trains it further on
-those sets and the gate is checked again. A version whose verification did not pass must not be published.
+Each job trains its own LoRA adapter: on the original base ("independent") or on the current version with the earlier
+deltas served frozen ("stacked"). Its factors (FILA's base shift folded in, so that it is a delta on the original
+base) join the fusion state, and the version to publish is base + the sum of every entry, compressed to a LoRA of
+bounded rank (fusion.py). Before it is published the fused adapter must forget every item of every forget set whose
+texts are still held and keep the utility constraints (retain perplexity, kept_extractable); when it does not, a repair
+trains a new low-rank delta on top of it on the failing sets (every held set when only a constraint fails) and the
+retain corpus, and that delta joins the state as a pseudo-job, so every later version
+keeps it. A shredded request (its texts gone) is protected without them: a repair never acts inside the column and row
+spaces of its contribution (its delta and every repair that covered it), and the version must keep at least
+1 - max_undo of that contribution along itself (docs/privacy.md).
+A version whose verification did not pass must not be published.
 """
 
 from __future__ import annotations
@@ -14,26 +18,33 @@ from __future__ import annotations
 import math
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from peft import PeftModel
-from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from worker.engine.adapters import adapter_deltas, init_factors, lora_layers, reference_model, save_adapter
+from worker.engine.adapters import adapter_factors, frozen_delta, init_factors, lora_layers, reference_model
 from worker.engine.data import Batch, Item, ItemSets, chunks, encode_items
 from worker.engine.evaluation import evaluate, holdout_ma_level, item_at_target
 from worker.engine.fusion import (
+    JOB,
+    REPAIR,
+    Entry,
+    FusedAdapter,
     FusionState,
-    add_job,
+    add_entry,
     fused_lora,
     input_grams,
+    kept_along,
+    outside,
     remove_job,
     save_fusion_state,
+    stacked_factors,
 )
+from worker.engine.inits import adapter_init
 from worker.engine.loading import ModelSettings, is_quantized, load_causal_lm
 from worker.engine.settings import settings_from_dict
 from worker.engine.training import (
@@ -47,25 +58,28 @@ from worker.engine.training import (
 )
 
 FUSION_STATE_FILE = "fusion_state.safetensors"
+MODES = ("independent", "stacked")
 
 
 @dataclass(frozen=True)
 class FusionSettings:
-    # Weight of the retain-input Gram (0 = EUL Eq. 7). The retain Gram sums far more tokens than a job's forget
-    # Gram, so even mu = 1 can cancel a job's delta; the default leaves retain protection to the verification gate.
+    mode: str = "independent"  # a job trains on the original base, or ("stacked") on the current version
+    # Retain protection of the summed delta, D^T = (I + mu G_r/g)^-1 sum_i D_i^T (0: none); see fusion.retain_protected
     mu: float = 0.0
-    eps: float = 1e-4  # ridge: keeps the system positive definite whatever the inputs span
-    max_error: float = 0.01  # input-weighted compression error bound per layer
-    max_rank: int = 64
-    repair_steps: int = 30  # short repair pass when the fused adapter fails verification (0: no repair)
+    max_error: float = 0.01  # compression: relative Frobenius error bound per layer
+    max_rank: int = 128  # compression: rank cap per layer of the published adapter
+    repair_steps: int = 30  # steps of the durable repair when the fused adapter fails verification (0: no repair)
+    max_undo: float = 0.5  # a shredded request must keep >= 1 - max_undo of its contribution (kept_along)
 
     def __post_init__(self) -> None:
-        for name in ("mu", "eps", "max_error"):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        for name in ("mu", "max_error", "max_undo"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if self.eps == 0:
-            raise ValueError("eps must be positive")
+        if self.max_undo > 1:
+            raise ValueError(f"max_undo is a share <= 1, got {self.max_undo}")
         for name, least in (("max_rank", 1), ("repair_steps", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
@@ -104,19 +118,33 @@ class Verification:
 
 @dataclass
 class FusedVersion:
-    """A version ready to publish once its verification passed."""
+    """A version ready to publish once it is publishable (verification passed, no shredded request weakened)."""
 
-    model: PeftModel  # the original base with the adapter to publish (the repaired one after a repair)
-    state: FusionState  # on the CPU: the running sums and every fused job's own statistics (never the repair's)
-    ranks: dict[str, int]  # per layer, the compression's rank (a repair trains at these ranks)
-    errors: dict[str, float]  # per layer, the compression's input-weighted error (before any repair)
+    model: PeftModel  # the original base with the published adapter, loaded from its files
+    adapter: FusedAdapter  # the published factors, with their compression ranks and errors
+    state: FusionState  # on the CPU: every entry so far, a repair of this version included
     verification: Verification
     repaired: bool
+    shredded_kept: dict[str, float] = field(default_factory=dict)  # per shredded job key, kept_along its contribution
+    max_undo: float = 0.5
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        return self.adapter.ranks
+
+    @property
+    def errors(self) -> dict[str, float]:
+        return self.adapter.errors
+
+    @property
+    def publishable(self) -> bool:
+        return self.verification.passed and all(kept >= 1 - self.max_undo for kept in self.shredded_kept.values())
 
     def save(self, out_dir: Path) -> None:
         """Standard peft adapter files (for the original base) and the fusion state the next version starts from."""
         out_dir = Path(out_dir)
-        save_adapter(self.model, out_dir)
+        base_name = self.model.peft_config[self.model.active_adapter].base_model_name_or_path
+        self.adapter.save_adapter(out_dir, base_name)
         save_fusion_state(self.state, out_dir / FUSION_STATE_FILE)
 
 
@@ -140,6 +168,24 @@ def original_base(peft_model: PeftModel) -> PreTrainedModel:
     return peft_model.unload()
 
 
+def unlearn_job(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    items: ItemSets,
+    previous: FusionState | None,
+    config: UnlearnConfig,
+    settings: FusionSettings,
+    **unlearn_kwargs: Any,
+) -> UnlearnResult:
+    """unlearn() a job's forget set with a fresh adapter on `model` (the original base): in "stacked" mode with every
+    entry of `previous` served frozen (the current version, uncompressed), so the job acts on the model as it is."""
+    init = adapter_init(config.adapter.init)
+    if settings.mode != "stacked" or previous is None or not previous.entries:
+        return unlearn(model, tokenizer, items, config, init, **unlearn_kwargs)
+    with frozen_delta(model, stacked_factors(previous.entries.values())):
+        return unlearn(model, tokenizer, items, config, init, **unlearn_kwargs)
+
+
 def fuse_job(
     result: UnlearnResult,
     tokenizer: PreTrainedTokenizerBase,
@@ -149,25 +195,25 @@ def fuse_job(
     config: UnlearnConfig,
     settings: FusionSettings,
 ) -> FusedVersion:
-    """Fuse the job that gave `result` with the earlier jobs of `previous`, verify the fused adapter, repair it if
-    it fails; `result.model` is spent (its base becomes the original base under the fused adapter).
+    """Add the job that gave `result` (unlearn_job's) to `previous`, fuse, verify, repair if it fails;
+    `result.model` is spent (its base becomes the original base under the fused adapter).
 
-    items.held are the earlier jobs' forget sets whose texts are still held (possibly none); the gate checks
-    them and this job's items.forget against result.target and result.metrics_before["retain_ppl"], both measured on the
-    original base. The returned state keeps each job's own statistics: a repair changes the published adapter
-    only, so the next fusion starts again from the jobs' statistics and its gate repairs again where needed.
+    items.held are the earlier jobs' forget sets whose texts are still held (possibly none); the gate checks them and
+    this job's items.forget against the original base's holdout means and retain perplexity: result.target and
+    result.metrics_before for a job trained on the original base, measured again for a stacked one.
     """
     model = result.model
-    deltas = adapter_deltas(model)
-    grams = input_grams(model, _batches(tokenizer, items.forget, config), list(deltas))
+    entry = Entry(JOB, adapter_factors(model))
     base = original_base(model)
-    state = add_job(_on(previous or FusionState(), base.device), job_key, grams, deltas)
+    state = add_entry(previous or FusionState(), job_key, entry)
     original = {
         "holdout_ma": result.target["forget_ma"],
         "holdout_el": result.target["forget_el"],
         "item_ma": result.target["item_ma"],
         "retain_ppl": result.metrics_before["retain_ppl"],
     }
+    if settings.mode == "stacked" and previous is not None and previous.entries:
+        original = None  # the job's own reference was the version it trained on
     forget_sets = dict(items.held) | {job_key: items.forget}
     return _fused_version(base, tokenizer, state, forget_sets, items.retain, items.holdout, original, config, settings)
 
@@ -181,16 +227,15 @@ def unmerge_job(
     config: UnlearnConfig,
     settings: FusionSettings,
 ) -> FusedVersion:
-    """The fusion of every job of `state` but `job_key`, on `base_model` (the original base, wrapped in place).
+    """The superposition of every entry of `state` but `job_key`'s, on `base_model` (the original base, wrapped in
+    place); repairs that covered only that job go with it (fusion.remove_job).
 
     As fuse_state, with the removed job's forget set (if given) left out of the gate and the repair. Taking out the
     last job leaves nothing to fuse: that raises ValueError, and the service serves the base model instead.
     """
-    if job_key not in state.jobs:
-        raise KeyError(f"job {job_key!r} is not in the fusion state")
-    if len(state.jobs) == 1:
+    remaining = remove_job(state, job_key)
+    if not remaining.entries:
         raise ValueError(f"job {job_key!r} is the only fused job: without it there is no adapter to publish")
-    remaining = remove_job(_on(state, base_model.device), job_key)
     held = {key: texts for key, texts in items.held.items() if key != job_key}
     return fuse_state(base_model, tokenizer, remaining, replace(items, held=held), config, settings)
 
@@ -203,12 +248,11 @@ def fuse_state(
     config: UnlearnConfig,
     settings: FusionSettings,
 ) -> FusedVersion:
-    """The fusion of every job of `state` on `base_model` (the original base, wrapped in place), gated.
+    """The superposition of every entry of `state` on `base_model` (the original base, wrapped in place), gated.
 
     The gate checks the held forget sets against the original base's holdout means and retain perplexity, measured
     here, and repairs on those sets.
     """
-    state = _on(state, base_model.device)
     return _fused_version(base_model, tokenizer, state, items.held, items.retain, items.holdout, None, config, settings)
 
 
@@ -223,8 +267,9 @@ def _fused_version(
     config: UnlearnConfig,
     settings: FusionSettings,
 ) -> FusedVersion:
-    """Fuse `state` onto `base`, verify, and while verification fails and repair steps are left, train the fused
-    adapter further on the failing forget sets and verify again.
+    """Fuse `state` onto `base` and verify; while verification fails and repair steps are left, train a repair delta
+    on top of the fused adapter on the failing forget sets, add it to the state, fuse and verify again. Then measure
+    how much of each shredded request's contribution the version keeps.
 
     `original` holds holdout_ma, holdout_el, item_ma and retain_ppl of the original base; None measures them on
     `base`, which also tells the retain items it reproduces verbatim (kept_extractable's set).
@@ -236,31 +281,75 @@ def _fused_version(
         original["item_ma"] = holdout_ma_level(ev, config.item_ma_quantile)
     target = {"forget_ma": original["holdout_ma"], "forget_el": original["holdout_el"], "item_ma": original["item_ma"]}
     retain_ppl_limit = config.retain_ppl_tolerance * original["retain_ppl"]
-
     retain_grams = None
     if settings.mu > 0:
-        retain_grams = input_grams(base, _batches(tokenizer, retain_items, config), list(state.gram_sum))
-    fused = fused_lora(state, retain_grams, settings.mu, settings.eps, settings.max_error, settings.max_rank)
-    with tempfile.TemporaryDirectory() as tmp:
-        # through the published files: the model verified is exactly the adapter a server loads
-        fused.save_adapter(Path(tmp), base_model=base.name_or_path or None)
-        model = PeftModel.from_pretrained(base, tmp, is_trainable=True)
-    model.eval()
+        layers = list(next(iter(state.entries.values())).factors)
+        retain_grams = input_grams(base, _batches(tokenizer, retain_items, config), layers)
 
-    verification = _verify(model, sets, forget_sets, target, retain_ppl_limit, config)
+    def fused_and_verified(state: FusionState) -> tuple[FusedAdapter, PeftModel, Verification]:
+        fused = fused_lora(state, retain_grams, settings.mu, settings.max_error, settings.max_rank)
+        model = _served(base, fused)
+        return fused, model, _verify(model, sets, forget_sets, target, retain_ppl_limit, config)
+
+    shredded = [job for job in state.covered if job not in forget_sets]
+    fused, model, verification = fused_and_verified(state)
     repaired, steps_left = False, settings.repair_steps
-    while not verification.passed and steps_left > 0:
-        # the failing sets, not the union: the repair's stopping rule sees only the items that still need it
-        failing = [item for key, items in forget_sets.items() if not verification.sets[key]["passed"] for item in items]
-        if not failing:
-            break  # only a utility constraint fails, which more unlearning cannot mend
-        repair_items = ItemSets(failing, retain_items, holdout_items)
-        repair = unlearn(model, tokenizer, repair_items, replace(config, max_steps=steps_left))
-        verification = _verify(model, sets, forget_sets, target, retain_ppl_limit, config)
-        repaired, steps_left = True, steps_left - repair.steps
+    while not verification.passed and steps_left > 0 and forget_sets:
+        # the failing sets (the repair's stopping rule sees only the items that still need it); every held set when
+        # only a utility constraint fails, so that mending it does not bring a set back
+        failing = {key: items for key, items in forget_sets.items() if not verification.sets[key]["passed"]}
+        trained_on = failing or dict(forget_sets)
+        repair_items = ItemSets([item for items in trained_on.values() for item in items], retain_items, holdout_items)
+        repair_config = replace(config, max_steps=steps_left)
+        limits = {"retain_ppl": retain_ppl_limit, "kept_extractable": config.kept_extractable_min}
+        entry, repair = _repair(model.unload(), tokenizer, fused, repair_items, repair_config, limits)
+        steps_left -= repair.steps
+        if repair.steps:
+            if shredded:  # a repair never acts inside a shredded request's block: it cannot undo it there
+                kept = [e for job in shredded for e in state.contribution(job)]
+                entry = replace(entry, factors=outside(entry.factors, stacked_factors(kept)))
+            state = add_entry(state, state.next_key(REPAIR), replace(entry, covers=tuple(trained_on)))
+            repaired = True
+        fused, model, verification = fused_and_verified(state)
         if repair.steps == 0 or repair.stop_reason != "target_reached":
             break
-    return FusedVersion(model, _on(state, torch.device("cpu")), fused.ranks, fused.errors, verification, repaired)
+    kept = {job: kept_along(fused.factors, stacked_factors(state.contribution(job))) for job in shredded}
+    return FusedVersion(model, fused, _on_cpu(state), verification, repaired, kept, settings.max_undo)
+
+
+def _served(base: PreTrainedModel, fused: FusedAdapter) -> PeftModel:
+    """`base` wrapped (in place) with the fused adapter, through the published files: exactly what a server loads."""
+    with tempfile.TemporaryDirectory() as tmp:
+        fused.save_adapter(Path(tmp), base_model=base.name_or_path or None)
+        model = PeftModel.from_pretrained(base, tmp)
+    return model.eval()
+
+
+def _repair(
+    base: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    fused: FusedAdapter,
+    items: ItemSets,
+    config: UnlearnConfig,
+    limits: Mapping[str, float],
+) -> tuple[Entry, UnlearnResult]:
+    """A fresh adapter trained on `items` (forget and retain terms) on top of the fused adapter served frozen, under
+    the gate's own utility limits (measured on the original base); `base` comes back unchanged."""
+    with frozen_delta(base, fused.factors):
+        result = unlearn(base, tokenizer, items, config, adapter_init(config.adapter.init), limits=limits)
+    entry = Entry(REPAIR, adapter_factors(result.model))
+    original_base(result.model)
+    return entry, result
+
+
+def _on_cpu(state: FusionState) -> FusionState:
+    cpu = torch.device("cpu")
+    return FusionState(
+        {
+            key: replace(entry, factors={name: (b.to(cpu), a.to(cpu)) for name, (b, a) in entry.factors.items()})
+            for key, entry in state.entries.items()
+        }
+    )
 
 
 def _gate_sets(
@@ -344,18 +433,3 @@ def _verify(
 
 def _batches(tokenizer: PreTrainedTokenizerBase, items: Sequence[Item], config: UnlearnConfig) -> list[Batch]:
     return list(chunks(encode_items(tokenizer, items, config.max_length), config.eval_batch_size))
-
-
-def _on(state: FusionState, device: torch.device) -> FusionState:
-    """`state` with every tensor on `device`."""
-
-    def move(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        return {name: t.to(device) for name, t in tensors.items()}
-
-    return FusionState(
-        gram_sum=move(state.gram_sum),
-        cross_sum=move(state.cross_sum),
-        jobs={
-            key: {name: (g.to(device), d.to(device)) for name, (g, d) in job.items()} for key, job in state.jobs.items()
-        },
-    )

@@ -206,6 +206,7 @@ def unlearn(
     init: AdapterInit | None = None,
     on_progress: Callable[[Progress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    limits: Mapping[str, float] | None = None,
     on_checkpoint: Callable[[Checkpoint], None] | None = None,
     checkpoint_every: int = 0,
     resume: Checkpoint | None = None,
@@ -216,6 +217,7 @@ def unlearn(
     config.adapter.init; None keeps peft's). A PeftModel is trained further with its own trainable adapter
     (config.adapter and init are then unused); metrics_before, items_before and the target are always the original
     base model's.
+    `limits` replaces the utility constraints (retain_ppl, kept_extractable) measured against the reference model.
     Every `checkpoint_every` steps, and when `should_stop` stops the run, `on_checkpoint` gets a Checkpoint; the same
     call with `resume=` that checkpoint (on a fresh copy of the base model) goes on to the result the uninterrupted
     run would have had.
@@ -267,10 +269,13 @@ def unlearn(
             dual.value = resume.retain_dual
         for done in range(1, step + 1):  # the batches the stopped run already trained on
             _next_batches(objective, done, forget_batches, retain_batches)
-    limits = {
-        "retain_ppl": config.retain_ppl_tolerance * metrics_before["retain_ppl"],
-        "kept_extractable": config.kept_extractable_min,
-    }
+    limits = dict(
+        limits
+        or {
+            "retain_ppl": config.retain_ppl_tolerance * metrics_before["retain_ppl"],
+            "kept_extractable": config.kept_extractable_min,
+        }
+    )
     report(Progress(step, config.max_steps, "baseline", metrics_before))
 
     def checkpoint() -> None:
@@ -297,6 +302,8 @@ def unlearn(
     scaled_at = scaled_at if retain_scale > 1 else None
     # a resumed run's last evaluation was already ruled on (it did not stop the run)
     stop_reason = _stop_reason(curve[-1], limits) if resume is None else None
+    if step == 0 and stop_reason == "utility_tolerance" and _can_react(params, retain_scale, config):
+        retain_scale, scaled_at, stop_reason = 2 * retain_scale, 0, None  # a repair on a version that breaks one
     while stop_reason is None and step < config.max_steps:
         if should_stop is not None and should_stop():
             stop_reason = "cancelled"
@@ -330,7 +337,7 @@ def unlearn(
             stop_reason = _stop_reason(point, limits)
             if stop_reason == "utility_tolerance" and "retain_weight" in params:  # react rather than stop
                 waited = scaled_at is None or step - scaled_at >= config.constraint_patience
-                if waited and retain_scale < 2**config.retain_weight_doublings:
+                if waited and _can_react(params, retain_scale, config):
                     retain_scale, scaled_at, stop_reason = 2 * retain_scale, step, None
                 elif not waited:
                     stop_reason = None
@@ -381,6 +388,11 @@ def _stop_reason(point: Mapping[str, float], limits: Mapping[str, float]) -> str
     if point["items_at_target"] == 1.0:
         return "target_reached"
     return None
+
+
+def _can_react(params: Mapping[str, float], retain_scale: float, config: UnlearnConfig) -> bool:
+    """Whether a broken constraint can still double the retain weight: the objective has one and doublings are left."""
+    return "retain_weight" in params and retain_scale < 2**config.retain_weight_doublings
 
 
 def _scaled_retain(params: Mapping[str, float], retain_scale: float) -> dict[str, float]:

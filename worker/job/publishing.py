@@ -18,19 +18,29 @@ from worker.job.liveness import held_job
 
 
 def previous_state(store: ArtifactStore, model_name: str, version: int | None) -> FusionState | None:
+    """The fusion state of `version` (one LEGACY entry from its adapter when it has the former format)."""
     if version is None:
         return None
     with tempfile.TemporaryDirectory() as tmp:
         folder = store.download(model_name, version, Path(tmp))
-        return load_fusion_state(folder / FUSION_STATE_FILE)
+        return load_fusion_state(folder / FUSION_STATE_FILE, version)
 
 
 def version_metrics(fused: FusedVersion, config: UnlearnConfig, fusion: FusionSettings) -> dict:
+    entries = [{"key": key, "kind": e.kind, "covers": list(e.covers)} for key, e in fused.state.entries.items()]
     return {
         "verification": fused.verification.to_dict(),
         "retain_ppl_tolerance": config.retain_ppl_tolerance,
         "kept_extractable_min": config.kept_extractable_min,
-        "fusion": {"ranks": fused.ranks, "errors": fused.errors, "repaired": fused.repaired},
+        "fusion": {
+            "mode": fusion.mode,
+            "ranks": fused.ranks,
+            "errors": fused.errors,
+            "repaired": fused.repaired,
+            "entries": entries,
+            "shredded_kept": fused.shredded_kept,
+            "min_kept": 1 - fused.max_undo,
+        },
     }
 
 
@@ -54,7 +64,7 @@ def release_of(inputs: JobInputs, fused: FusedVersion, metrics: dict, engine: di
     base_model = {"path": inputs.model_path, "weights_sha256": inputs.weights_sha256}
     with tempfile.TemporaryDirectory() as tmp:
         fused.save(Path(tmp))
-        yield Release(Path(tmp), list(fused.state.jobs), base_model, engine, metrics)
+        yield Release(Path(tmp), fused.state.covered, base_model, engine, metrics)
 
 
 def publish_fused(
