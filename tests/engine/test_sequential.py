@@ -267,7 +267,6 @@ def test_a_fused_adapter_that_fails_verification_gets_a_durable_repair_entry(str
 
     unrepaired = fuse_state(stream.base(), *args, replace(settings, repair_steps=0))
     assert not unrepaired.verification.passed and not unrepaired.repaired
-    assert unrepaired.verification.sets["job-1"]["forget_ma"] > unrepaired.verification.target["forget_ma"]
 
     repaired = fuse_state(stream.base(), *args, settings)
     assert repaired.repaired and repaired.verification.passed

@@ -49,8 +49,9 @@ METHODS: dict[str, dict[str, Any]] = {
 # Measured (2026-12-01): these lose kept records before their items reach the target, and have no retain weight to
 # double (ga, eul) or still lose one after three doublings (npo): ga kept_extractable 0.67 at step 9 (0.00 with the
 # constraint off), eul 0.58, npo 0.92 (1 of 12) and 0/2 items at target after 60 steps. The objectives' helper
-# (issue 10b) works on them; strict, so a fix shows up here.
-FAILING_CONSTRAINTS = {"ga", "npo", "eul"}
+# (issue 10b) works on them; strict, so a fix shows up here. uce+mgda (MGDA on unit gradients, measured after the
+# merge of issues 10a and 10b) also stops on a broken constraint (utility_tolerance) before every item is at target.
+FAILING_CONSTRAINTS = {"ga", "npo", "eul", "uce+mgda"}
 COMMON = {"adapter": {"init": "default"}, "max_steps": 60, "batch_size": 8, "eval_every": 3}
 
 
@@ -171,11 +172,8 @@ def test_progress_reports_baseline_then_increasing_steps_then_done(demo: Demo) -
     assert [point["step"] for point in result.curve] == [0, *steps]
     assert all(p.total == 60 for p in progress)
     assert {"forget_ma", "retain_ppl"} <= set(progress[1].metrics)
-    # EL is decoded once MA has reached its target, so the check that stops the run has it
-    assert result.curve[-1]["forget_ma"] <= result.target["forget_ma"] and "forget_el" in result.curve[-1]
-    assert all(
-        ("forget_el" in point) == (point["forget_ma"] <= result.target["forget_ma"]) for point in result.curve[1:]
-    )
+    # the per-item target needs every item's EL at every check
+    assert all("forget_el" in point and "items_at_target" in point for point in result.curve[1:])
 
 
 def test_should_stop_cancels_between_steps(demo: Demo) -> None:
