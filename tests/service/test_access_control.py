@@ -230,12 +230,13 @@ def test_keys_refuse_an_invalid_tenant_or_lifetime(session):
 
 @pytest.fixture
 def limited_clients(database):
-    """Two app instances (as two API processes would be) with a burst of 3 and one token a second."""
+    """Two app instances (as two API processes would be) with a burst of 3 and one token every 10 s: slow enough
+    that no token comes back while the test's first requests run on a loaded CI machine (one a second did)."""
     from app.api.deps import app_settings
     from app.core.config import Settings
     from app.main import create_app
 
-    limited = Settings(rate_limit_per_minute=60, rate_limit_burst=3)
+    limited = Settings(rate_limit_per_minute=6, rate_limit_burst=3)
     clients = []
     for _ in range(2):
         app = create_app()
