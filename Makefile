@@ -1,6 +1,8 @@
 # Two commands: `make run` (the service on embedded defaults) and `make test` (the whole suite).
 PYTHON ?= python3
 VENV := .venv
+# pytest-xdist processes for `make test`; a test file runs whole on one of them (its module fixtures built once)
+TEST_WORKERS ?= 2
 BIN := $(VENV)/bin
 
 .PHONY: run test lint venv clean
@@ -23,7 +25,7 @@ test: venv
 	bash .ci/chromium
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
 
 lint: venv
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

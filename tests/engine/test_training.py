@@ -36,7 +36,9 @@ FORGET_ITEMS = 2
 # doubling on a break); the comments give the steps it took until every item was at its target.
 METHODS: dict[str, dict[str, Any]] = {
     "ga": {"method": "ga", "learning_rate": 1e-3, "retain_ppl_tolerance": 3.0},
-    "gd": {"method": "gd", "learning_rate": 3e-3, "params": {"retain_weight": 4.0}},  # 36
+    # 33; lr 3e-3 with weight 4 was borderline (passed one CI run, lost 1 of 12 kept records on another machine);
+    # lr 5e-3 reaches the target with weight 4 (30 steps) and 5, and lr 4e-3 with 4 (42): measured 2026-12-02
+    "gd": {"method": "gd", "learning_rate": 5e-3, "params": {"retain_weight": 5.0}},
     "ga_kl": {"method": "ga_kl", "learning_rate": 2e-3, "params": {"retain_weight": 5.0}},  # 36
     "npo": {"method": "npo", "learning_rate": 3e-3},
     "ihl": {"method": "ihl", "learning_rate": 3e-3},  # 30

@@ -1,6 +1,7 @@
 """Service tests run against the real PostgreSQL and Redis on this machine (URLs from the environment).
 
-Each test session gets a database of its own, migrated with Alembic, and a Redis database number of its own.
+Each test session (each pytest-xdist worker) gets a database of its own, migrated with Alembic, and a Redis database
+number of its own.
 The environment is set before any `app` module is imported, because settings are read once per process.
 """
 
@@ -20,7 +21,16 @@ from tests.service.databases import create_database, database_url, drop_database
 from tests.service.processes import start_api, start_worker, stop
 
 ADMIN_URL = os.environ.get("UNLEARND_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
-REDIS_URL = os.environ.get("UNLEARND_TEST_REDIS_URL", "redis://127.0.0.1:6379/11")
+
+
+def _redis_url() -> str:
+    """The test Redis database; under pytest-xdist each worker process takes the next number (gw1: base + 1), so that
+    two workers' Celery queues and flushes never meet."""
+    base, number = os.environ.get("UNLEARND_TEST_REDIS_URL", "redis://127.0.0.1:6379/11").rsplit("/", 1)
+    return f"{base}/{int(number) + int(os.environ.get('PYTEST_XDIST_WORKER', 'gw0')[2:])}"
+
+
+REDIS_URL = _redis_url()
 DB_NAME = f"unlearnd_test_{uuid.uuid4().hex[:10]}"
 DATABASE_URL = database_url(ADMIN_URL, DB_NAME)
 # Set UNLEARND_TEST_DATA_DIR to keep the logs and artifacts of a run for inspection.
