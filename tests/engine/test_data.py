@@ -13,7 +13,9 @@ from worker.engine.data import (
     encode_items,
     extraction_prefix_lengths,
     iterate_batches,
+    mask_template_tokens,
     select_rows,
+    token_ngrams,
 )
 
 WORDS = ["<pad>", "<s>", "</s>", "alice", "lives", "in", "paris", "bob", "works", "at", "home", "record:"]
@@ -112,3 +114,42 @@ def test_chunks_keep_row_order() -> None:
     batch = encode_items(word_tokenizer("has"), ITEMS, max_length=16)
     assert [c["input_ids"].shape[0] for c in chunks(batch, 1)] == [1, 1]
     assert torch.equal(next(chunks(batch, 2))["input_ids"], batch["input_ids"])
+
+
+def test_token_ngrams_are_every_run_of_n_tokens_without_padding() -> None:
+    batch = encode_items(word_tokenizer("adds"), [{"text": "bob works at"}, {"text": "alice"}], max_length=8)
+    assert token_ngrams(batch, 2) == {
+        tuple(ids("<s>", "bob")),
+        tuple(ids("bob", "works")),
+        tuple(ids("works", "at")),
+        tuple(ids("<s>", "alice")),
+    }
+    assert token_ngrams(batch, 4) == {tuple(ids("<s>", "bob", "works", "at"))}
+
+
+def test_template_targets_are_those_whose_ngram_the_corpus_holds() -> None:
+    tokenizer = word_tokenizer("adds")
+    corpus = encode_items(tokenizer, [{"prompt": "bob record:", "completion": "lives in home"}], max_length=8)
+    forget = encode_items(tokenizer, [{"prompt": "alice record:", "completion": "lives in paris"}], max_length=8)
+    # <s> alice record: | lives in paris; the corpus row <s> bob record: | lives in home.
+    # context 1: (record:, lives) and (lives, in) are the corpus's bigrams, (in, paris) is not
+    bigram = mask_template_tokens(forget, token_ngrams(corpus, 2), context=1)
+    assert bigram["labels"][0].tolist() == [IGNORE_INDEX] * 5 + ids("paris")
+    # context 2: (alice, record:, lives) is not in the corpus (another person's name precedes), (record:, lives, in) is
+    trigram = mask_template_tokens(forget, token_ngrams(corpus, 3), context=2)
+    assert trigram["labels"][0].tolist() == [IGNORE_INDEX] * 3 + ids("lives") + [IGNORE_INDEX] + ids("paris")
+    assert torch.equal(trigram["input_ids"], forget["input_ids"])
+    assert torch.equal(forget["labels"][0, 3:], torch.tensor(ids("lives", "in", "paris")))  # the input is unchanged
+
+
+def test_a_row_the_corpus_predicts_entirely_keeps_every_target() -> None:
+    tokenizer = word_tokenizer("adds")
+    items = [
+        {"prompt": "bob record:", "completion": "lives in home"},
+        {"prompt": "alice record:", "completion": "paris"},
+    ]
+    batch = encode_items(tokenizer, items, max_length=8)
+    corpus = token_ngrams(encode_items(tokenizer, items[:1], max_length=8), 2)
+    masked = mask_template_tokens(batch, corpus, context=1)
+    assert torch.equal(masked["labels"][0], batch["labels"][0])
+    assert masked["labels"][1].tolist() == [IGNORE_INDEX] * 3 + ids("paris") + [IGNORE_INDEX] * 2

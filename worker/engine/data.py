@@ -93,6 +93,31 @@ def chunks(batch: Batch, batch_size: int) -> Iterator[Batch]:
         yield select_rows(batch, slice(start, start + batch_size))
 
 
+def token_ngrams(batch: Batch, n: int) -> set[tuple[int, ...]]:
+    """Every n consecutive tokens of every row of `batch`, padding excluded."""
+    grams: set[tuple[int, ...]] = set()
+    for ids, length in zip(batch["input_ids"].tolist(), batch["attention_mask"].sum(dim=1).tolist(), strict=True):
+        grams.update(tuple(ids[start : start + n]) for start in range(length - n + 1))
+    return grams
+
+
+def mask_template_tokens(batch: Batch, corpus_ngrams: set[tuple[int, ...]], context: int) -> Batch:
+    """`batch` with the targets a shared template predicts taken out of the labels (IGNORE_INDEX).
+
+    A target is "template" when it and its `context` preceding tokens (a (context+1)-gram) occur in `corpus_ngrams`
+    (token_ngrams of the operator's own retain and holdout corpora), "specific" otherwise: token-selective unlearning
+    (Wan et al. 2025, arXiv 2506.00876; Zhou et al. 2025, arXiv 2506.03142) with the selector an n-gram lookup. A
+    row left with no specific target keeps all its targets (nothing would forget it otherwise).
+    """
+    labels = batch["labels"].clone()
+    for row, ids in enumerate(batch["input_ids"].tolist()):
+        targets = (labels[row] != IGNORE_INDEX).nonzero()[:, 0].tolist()
+        template = [t for t in targets if t >= context and tuple(ids[t - context : t + 1]) in corpus_ngrams]
+        if len(template) < len(targets):
+            labels[row, template] = IGNORE_INDEX
+    return batch | {"labels": labels}
+
+
 def to_device(batch: Batch, device: torch.device | str) -> Batch:
     return {key: value.to(device) for key, value in batch.items()}
 

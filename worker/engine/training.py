@@ -41,8 +41,10 @@ from worker.engine.data import (
     encode_items,
     iterate_batches,
     iterate_rows,
+    mask_template_tokens,
     select_rows,
     to_device,
+    token_ngrams,
 )
 from worker.engine.evaluation import Evaluation, evaluate, holdout_ma_level, item_at_target, score_items
 from worker.engine.inits import ADAPTER_INITS, AdapterInit
@@ -86,6 +88,7 @@ class UnlearnConfig:
     retain_focus: float = 0.0  # share of each retain batch drawn from the retain rows nearest the forget rows
     retain_dual_step: float = 0.0  # PDU's dual ascent step on the retain weight (0: the objective's fixed weight)
     retain_bound: float = 1.02  # with the dual: retain perplexity per batch at most this multiple of the original's
+    template_context: int = 0  # >0: the forget term skips targets whose (this+1)-gram is in the retain/holdout corpora
     retain_eval_items: int = 64  # retain items (and general text items) sampled for perplexity
     eval_batch_size: int = 32  # rows per teacher-forced evaluation pass
     generation_batch_size: int = 256  # prompts decoded together for extraction metrics
@@ -116,7 +119,7 @@ class UnlearnConfig:
             raise ValueError("retain_dual_step must be >= 0 and retain_bound a ratio >= 1")
         if self.retain_dual_step and (self.mgda or get_objective(self.method).alternate):
             raise ValueError("the retain dual weight applies to summed steps, not to mgda or alternating methods")
-        for name in ("kept_eval_items", "retain_weight_doublings", "constraint_patience"):
+        for name in ("kept_eval_items", "retain_weight_doublings", "constraint_patience", "template_context"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be at least 0, got {getattr(self, name)}")
         if not 0 <= self.kept_extractable_min <= 1:
@@ -228,6 +231,8 @@ def unlearn(
     generator = torch.Generator().manual_seed(config.seed)
     forget = encode_items(tokenizer, items.forget, config.max_length)
     retain = encode_items(tokenizer, items.retain, config.max_length)
+    if config.template_context:  # the forget term (and FILA's forget Fisher) on the record-specific tokens only
+        forget = _specific_targets(tokenizer, forget, retain, items, config)
     sets = _evaluation_sets(tokenizer, items, config)
     forget_batches = iterate_rows(forget["input_ids"].shape[0], config.batch_size, generator)
 
@@ -413,6 +418,18 @@ def _not_at_target(rows: Tensor, at_target: list[int], n: int, batch_size: int) 
         return rows
     left = rows[~done[rows]]
     return left if len(left) else (~done).nonzero()[:batch_size, 0]
+
+
+def _specific_targets(
+    tokenizer: PreTrainedTokenizerBase, forget: Batch, retain: Batch, items: ItemSets, config: UnlearnConfig
+) -> Batch:
+    """The forget batch with its template targets masked (data.mask_template_tokens), the template read from the
+    operator's own corpora (retain and holdout), never from other requests' forget texts."""
+    n = config.template_context + 1
+    corpus = token_ngrams(retain, n)
+    if items.holdout:
+        corpus |= token_ngrams(encode_items(tokenizer, items.holdout, config.max_length), n)
+    return mask_template_tokens(forget, corpus, config.template_context)
 
 
 def forget_target(before: Evaluation, config: UnlearnConfig) -> dict[str, float]:
