@@ -259,6 +259,7 @@ def test_config_round_trips_through_json() -> None:
         {"item_ma_quantile": 2},
         {"item_ma_quantile": True},
         {"retain_weight_doublings": -1},
+        {"template_context": -1},
         {"learning_rate": "fast"},
         {"mgda": "yes"},
         {"max_steps": 10.5},
