@@ -332,8 +332,9 @@ def add_budget_arguments(group: argparse._ArgumentGroup, engine: UnlearnConfig) 
         "--template-context",
         type=int,
         default=engine.template_context,
-        help="k > 0: the forget term skips targets whose (k+1)-gram occurs in the retain/holdout corpora",
+        help="k > 0: the forget term skips the targets a k-gram model of the retain + holdout corpora predicts",
     )
+    group.add_argument("--template-preserve", action="store_true", help="those targets join the retain term")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -363,6 +364,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "retain_ppl_tolerance": args.retain_ppl_tolerance,
         "per_item_stopping": args.per_item_stopping,
         "template_context": args.template_context,
+        "template_preserve": args.template_preserve,
         "seed": args.seed,
         "rank": args.rank,
         "alpha": args.alpha,
@@ -387,7 +389,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"eval every {args.eval_every}, LoRA rank {args.rank} alpha {args.alpha:g}, "
         f"retain PPL tolerance {args.retain_ppl_tolerance:g}x, kept_extractable >= {engine.kept_extractable_min:g}"
         f"{', per-item stopping' if args.per_item_stopping else ''}"
-        f"{f', template context {args.template_context}' if args.template_context else ''}; seed {args.seed}; "
+        f"{f', template context {args.template_context}' if args.template_context else ''}"
+        f"{', template preserved' if args.template_preserve else ''}; seed {args.seed}; "
         f"{args.device}, {args.dtype}."
     )
     print(

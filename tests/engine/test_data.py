@@ -13,9 +13,9 @@ from worker.engine.data import (
     encode_items,
     extraction_prefix_lengths,
     iterate_batches,
-    mask_template_tokens,
+    ngram_continuations,
     select_rows,
-    token_ngrams,
+    split_template_targets,
 )
 
 WORDS = ["<pad>", "<s>", "</s>", "alice", "lives", "in", "paris", "bob", "works", "at", "home", "record:"]
@@ -116,40 +116,40 @@ def test_chunks_keep_row_order() -> None:
     assert torch.equal(next(chunks(batch, 2))["input_ids"], batch["input_ids"])
 
 
-def test_token_ngrams_are_every_run_of_n_tokens_without_padding() -> None:
-    batch = encode_items(word_tokenizer("adds"), [{"text": "bob works at"}, {"text": "alice"}], max_length=8)
-    assert token_ngrams(batch, 2) == {
-        tuple(ids("<s>", "bob")),
-        tuple(ids("bob", "works")),
-        tuple(ids("works", "at")),
-        tuple(ids("<s>", "alice")),
-    }
-    assert token_ngrams(batch, 4) == {tuple(ids("<s>", "bob", "works", "at"))}
+CORPUS = [{"text": "bob record: lives in home"}, {"text": "alice record: lives in home"}, {"text": "bob works at home"}]
 
 
-def test_template_targets_are_those_whose_ngram_the_corpus_holds() -> None:
+def test_ngram_continuations_are_the_most_frequent_next_tokens_ties_included() -> None:
+    corpus = encode_items(word_tokenizer("adds"), CORPUS, max_length=8)
+    one = ngram_continuations([corpus], context=1)
+    # <s> is followed by bob twice and alice once; bob by record: and works once each (a tie: both)
+    assert one[tuple(ids("<s>"))] == set(ids("bob")) and one[tuple(ids("bob"))] == set(ids("record:", "works"))
+    assert one[tuple(ids("in"))] == set(ids("home")) and tuple(ids("home")) not in one  # padding is no token
+    two = ngram_continuations([select_rows(corpus, slice(0, 1)), select_rows(corpus, slice(1, 3))], context=2)
+    assert two[tuple(ids("record:", "lives"))] == set(ids("in")) and len(two) == 8  # counted across the batches
+
+
+def test_targets_split_into_specific_and_template_by_the_corpus_prediction() -> None:
     tokenizer = word_tokenizer("adds")
-    corpus = encode_items(tokenizer, [{"prompt": "bob record:", "completion": "lives in home"}], max_length=8)
+    predicted = ngram_continuations([encode_items(tokenizer, CORPUS, max_length=8)], context=1)
     forget = encode_items(tokenizer, [{"prompt": "alice record:", "completion": "lives in paris"}], max_length=8)
-    # <s> alice record: | lives in paris; the corpus row <s> bob record: | lives in home.
-    # context 1: (record:, lives) and (lives, in) are the corpus's bigrams, (in, paris) is not
-    bigram = mask_template_tokens(forget, token_ngrams(corpus, 2), context=1)
-    assert bigram["labels"][0].tolist() == [IGNORE_INDEX] * 5 + ids("paris")
-    # context 2: (alice, record:, lives) is not in the corpus (another person's name precedes), (record:, lives, in) is
-    trigram = mask_template_tokens(forget, token_ngrams(corpus, 3), context=2)
-    assert trigram["labels"][0].tolist() == [IGNORE_INDEX] * 3 + ids("lives") + [IGNORE_INDEX] + ids("paris")
-    assert torch.equal(trigram["input_ids"], forget["input_ids"])
-    assert torch.equal(forget["labels"][0, 3:], torch.tensor(ids("lives", "in", "paris")))  # the input is unchanged
+    split = split_template_targets(forget, predicted, context=1)
+    # <s> alice record: | lives in paris: record: -> lives and lives -> in are predicted, in -> home is, not paris
+    assert split["labels"][0].tolist() == [IGNORE_INDEX] * 5 + ids("paris")
+    assert split["template_labels"][0].tolist() == [IGNORE_INDEX] * 3 + ids("lives", "in") + [IGNORE_INDEX]
+    assert torch.equal(split["input_ids"], forget["input_ids"])
+    assert forget["labels"][0, 3:].tolist() == ids("lives", "in", "paris")  # the input batch is unchanged
 
 
 def test_a_row_the_corpus_predicts_entirely_keeps_every_target() -> None:
     tokenizer = word_tokenizer("adds")
+    predicted = ngram_continuations([encode_items(tokenizer, CORPUS, max_length=8)], context=1)
     items = [
         {"prompt": "bob record:", "completion": "lives in home"},
         {"prompt": "alice record:", "completion": "paris"},
     ]
     batch = encode_items(tokenizer, items, max_length=8)
-    corpus = token_ngrams(encode_items(tokenizer, items[:1], max_length=8), 2)
-    masked = mask_template_tokens(batch, corpus, context=1)
-    assert torch.equal(masked["labels"][0], batch["labels"][0])
-    assert masked["labels"][1].tolist() == [IGNORE_INDEX] * 3 + ids("paris") + [IGNORE_INDEX] * 2
+    split = split_template_targets(batch, predicted, context=1)
+    assert torch.equal(split["labels"][0], batch["labels"][0])
+    assert (split["template_labels"][0] == IGNORE_INDEX).all()
+    assert split["labels"][1].tolist() == [IGNORE_INDEX] * 3 + ids("paris") + [IGNORE_INDEX] * 2

@@ -7,6 +7,7 @@ padded on the right; `labels` is `input_ids` with -100 on padding and prompt tok
 
 from __future__ import annotations
 
+from collections import Counter, defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -93,29 +94,36 @@ def chunks(batch: Batch, batch_size: int) -> Iterator[Batch]:
         yield select_rows(batch, slice(start, start + batch_size))
 
 
-def token_ngrams(batch: Batch, n: int) -> set[tuple[int, ...]]:
-    """Every n consecutive tokens of every row of `batch`, padding excluded."""
-    grams: set[tuple[int, ...]] = set()
-    for ids, length in zip(batch["input_ids"].tolist(), batch["attention_mask"].sum(dim=1).tolist(), strict=True):
-        grams.update(tuple(ids[start : start + n]) for start in range(length - n + 1))
-    return grams
+def ngram_continuations(batches: Sequence[Batch], context: int) -> dict[tuple[int, ...], set[int]]:
+    """A k-gram model's greedy predictions (k = `context`): for every run of k tokens in the batches' rows (padding
+    excluded), the tokens that most often follow it there (every one of them on a tie)."""
+    counts: dict[tuple[int, ...], Counter[int]] = defaultdict(Counter)
+    for batch in batches:
+        lengths = batch["attention_mask"].sum(dim=1).tolist()
+        for ids, length in zip(batch["input_ids"].tolist(), lengths, strict=True):
+            for t in range(context, length):
+                counts[tuple(ids[t - context : t])][ids[t]] += 1
+    return {ctx: {tok for tok, n in c.items() if n == max(c.values())} for ctx, c in counts.items()}
 
 
-def mask_template_tokens(batch: Batch, corpus_ngrams: set[tuple[int, ...]], context: int) -> Batch:
-    """`batch` with the targets a shared template predicts taken out of the labels (IGNORE_INDEX).
+def split_template_targets(batch: Batch, predicted: Mapping[tuple[int, ...], set[int]], context: int) -> Batch:
+    """`batch` with its targets split into "specific" (`labels`) and "template" (`template_labels`), IGNORE_INDEX
+    elsewhere in each.
 
-    A target is "template" when it and its `context` preceding tokens (a (context+1)-gram) occur in `corpus_ngrams`
-    (token_ngrams of the operator's own retain and holdout corpora), "specific" otherwise: token-selective unlearning
-    (Wan et al. 2025, arXiv 2506.00876; Zhou et al. 2025, arXiv 2506.03142) with the selector an n-gram lookup. A
-    row left with no specific target keeps all its targets (nothing would forget it otherwise).
+    A target is template when the k-gram model of the operator's corpora (ngram_continuations, k = `context`) predicts
+    it from its k preceding tokens - what greedy decoding gets right without knowing the person, as for the holdout
+    items - and specific otherwise: token-selective unlearning (Wan et al. 2025, arXiv 2506.00876; Zhou et al. 2025,
+    arXiv 2506.03142, whose targeted words are unlearned and general words preserved) with the selector a k-gram
+    lookup. A row left with no specific target keeps all its targets in `labels` (nothing would forget it otherwise).
     """
-    labels = batch["labels"].clone()
+    labels, template = batch["labels"].clone(), torch.full_like(batch["labels"], IGNORE_INDEX)
     for row, ids in enumerate(batch["input_ids"].tolist()):
         targets = (labels[row] != IGNORE_INDEX).nonzero()[:, 0].tolist()
-        template = [t for t in targets if t >= context and tuple(ids[t - context : t + 1]) in corpus_ngrams]
-        if len(template) < len(targets):
-            labels[row, template] = IGNORE_INDEX
-    return batch | {"labels": labels}
+        hits = [t for t in targets if t >= context and ids[t] in predicted.get(tuple(ids[t - context : t]), ())]
+        if len(hits) < len(targets):
+            template[row, hits] = labels[row, hits]
+            labels[row, hits] = IGNORE_INDEX
+    return batch | {"labels": labels, "template_labels": template}
 
 
 def to_device(batch: Batch, device: torch.device | str) -> Batch:
