@@ -2,7 +2,8 @@
 
 An item is `{"text": ...}` (every token is a target) or `{"prompt": ..., "completion": ...}` (only the
 completion's tokens are targets). A batch is a dict of `input_ids`, `attention_mask` and `labels` [B, T],
-padded on the right; `labels` is `input_ids` with -100 on padding and prompt tokens (unshifted).
+padded on the right; `labels` is `input_ids` with -100 on padding and prompt tokens (unshifted). A forget batch
+split by split_template_targets also carries `template_labels`.
 """
 
 from __future__ import annotations

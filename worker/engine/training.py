@@ -529,8 +529,8 @@ def _summed_step(
     r: Batch,
     dual: DualRetainWeight | None = None,
 ) -> float:
-    """L = forget term on F + retain term on R (+ lambda * NLL(R) with the dual); each term backpropagated as soon
-    as it is computed."""
+    """L = forget term on F (+ retain weight * NLL of F's template targets with template_preserve) + retain term on
+    R (+ lambda * NLL(R) with the dual); each term backpropagated as soon as it is computed."""
     x = _loss_inputs(model, f, objective.forget_needs_ref)
     loss = objective.forget(x, params)
     if "template_labels" in f:  # template_preserve: the forget rows' template targets kept (Zhou et al. 2025)
