@@ -328,6 +328,13 @@ def add_budget_arguments(group: argparse._ArgumentGroup, engine: UnlearnConfig) 
     group.add_argument("--alpha", type=float, default=engine.adapter.alpha)
     group.add_argument("--retain-ppl-tolerance", type=float, default=engine.retain_ppl_tolerance)
     group.add_argument("--per-item-stopping", action="store_true", help="forget batches skip items at target")
+    group.add_argument(
+        "--template-context",
+        type=int,
+        default=engine.template_context,
+        help="k > 0: the forget term skips the targets a k-gram model of the retain + holdout corpora predicts",
+    )
+    group.add_argument("--template-preserve", action="store_true", help="those targets join the retain term")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -356,6 +363,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "eval_every": args.eval_every,
         "retain_ppl_tolerance": args.retain_ppl_tolerance,
         "per_item_stopping": args.per_item_stopping,
+        "template_context": args.template_context,
+        "template_preserve": args.template_preserve,
         "seed": args.seed,
         "rank": args.rank,
         "alpha": args.alpha,
@@ -379,7 +388,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"Budget: {args.max_steps} steps, lr {args.lr:g}, batch {args.batch_size} forget + {args.batch_size} retain, "
         f"eval every {args.eval_every}, LoRA rank {args.rank} alpha {args.alpha:g}, "
         f"retain PPL tolerance {args.retain_ppl_tolerance:g}x, kept_extractable >= {engine.kept_extractable_min:g}"
-        f"{', per-item stopping' if args.per_item_stopping else ''}; seed {args.seed}; {args.device}, {args.dtype}."
+        f"{', per-item stopping' if args.per_item_stopping else ''}"
+        f"{f', template context {args.template_context}' if args.template_context else ''}"
+        f"{', template preserved' if args.template_preserve else ''}; seed {args.seed}; "
+        f"{args.device}, {args.dtype}."
     )
     print(
         f"Per-item target: not verbatim, EL <= {target['forget_el']:.2f} (holdout mean), "

@@ -354,6 +354,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         batch_size=args.batch_size,
         eval_every=args.eval_every,
         retain_ppl_tolerance=args.retain_ppl_tolerance,
+        per_item_stopping=args.per_item_stopping,
+        template_context=args.template_context,
+        template_preserve=args.template_preserve,
         seed=args.seed,
     )
 

@@ -13,7 +13,9 @@ from worker.engine.data import (
     encode_items,
     extraction_prefix_lengths,
     iterate_batches,
+    ngram_continuations,
     select_rows,
+    split_template_targets,
 )
 
 WORDS = ["<pad>", "<s>", "</s>", "alice", "lives", "in", "paris", "bob", "works", "at", "home", "record:"]
@@ -112,3 +114,42 @@ def test_chunks_keep_row_order() -> None:
     batch = encode_items(word_tokenizer("has"), ITEMS, max_length=16)
     assert [c["input_ids"].shape[0] for c in chunks(batch, 1)] == [1, 1]
     assert torch.equal(next(chunks(batch, 2))["input_ids"], batch["input_ids"])
+
+
+CORPUS = [{"text": "bob record: lives in home"}, {"text": "alice record: lives in home"}, {"text": "bob works at home"}]
+
+
+def test_ngram_continuations_are_the_most_frequent_next_tokens_ties_included() -> None:
+    corpus = encode_items(word_tokenizer("adds"), CORPUS, max_length=8)
+    one = ngram_continuations([corpus], context=1)
+    # <s> is followed by bob twice and alice once; bob by record: and works once each (a tie: both)
+    assert one[tuple(ids("<s>"))] == set(ids("bob")) and one[tuple(ids("bob"))] == set(ids("record:", "works"))
+    assert one[tuple(ids("in"))] == set(ids("home")) and tuple(ids("home")) not in one  # padding is no token
+    two = ngram_continuations([select_rows(corpus, slice(0, 1)), select_rows(corpus, slice(1, 3))], context=2)
+    assert two[tuple(ids("record:", "lives"))] == set(ids("in")) and len(two) == 8  # counted across the batches
+
+
+def test_targets_split_into_specific_and_template_by_the_corpus_prediction() -> None:
+    tokenizer = word_tokenizer("adds")
+    predicted = ngram_continuations([encode_items(tokenizer, CORPUS, max_length=8)], context=1)
+    forget = encode_items(tokenizer, [{"prompt": "alice record:", "completion": "lives in paris"}], max_length=8)
+    split = split_template_targets(forget, predicted, context=1)
+    # <s> alice record: | lives in paris: record: -> lives and lives -> in are predicted, in -> home is, not paris
+    assert split["labels"][0].tolist() == [IGNORE_INDEX] * 5 + ids("paris")
+    assert split["template_labels"][0].tolist() == [IGNORE_INDEX] * 3 + ids("lives", "in") + [IGNORE_INDEX]
+    assert torch.equal(split["input_ids"], forget["input_ids"])
+    assert forget["labels"][0, 3:].tolist() == ids("lives", "in", "paris")  # the input batch is unchanged
+
+
+def test_a_row_the_corpus_predicts_entirely_keeps_every_target() -> None:
+    tokenizer = word_tokenizer("adds")
+    predicted = ngram_continuations([encode_items(tokenizer, CORPUS, max_length=8)], context=1)
+    items = [
+        {"prompt": "bob record:", "completion": "lives in home"},
+        {"prompt": "alice record:", "completion": "paris"},
+    ]
+    batch = encode_items(tokenizer, items, max_length=8)
+    split = split_template_targets(batch, predicted, context=1)
+    assert torch.equal(split["labels"][0], batch["labels"][0])
+    assert (split["template_labels"][0] == IGNORE_INDEX).all()
+    assert split["labels"][1].tolist() == [IGNORE_INDEX] * 3 + ids("paris") + [IGNORE_INDEX] * 2

@@ -26,7 +26,7 @@ from worker.engine import (
 from worker.engine.adapters import attach_adapter
 from worker.engine.data import encode_items
 from worker.engine.evaluation import score_items
-from worker.engine.objectives import LossInputs, get_objective
+from worker.engine.objectives import LossInputs, get_objective, token_nll
 from worker.engine.training import common_descent_step
 
 FORGET_ITEMS = 2
@@ -211,6 +211,22 @@ def testcommon_descent_step_does_not_ascend_either_objective(demo: Demo) -> None
         assert direction @ gradient >= (direction @ direction) * gradient.norm() * (1 - 1e-3)
 
 
+def test_template_preserve_adds_the_retain_weighted_nll_of_the_template_targets(demo: Demo) -> None:
+    """_summed_step with template_labels in the forget batch: its loss grows by exactly retain_weight * NLL there."""
+    model, tokenizer = load_causal_lm(demo.model_dir, device="cpu")
+    model = attach_adapter(model, AdapterSettings(init="default"))
+    forget = encode_items(tokenizer, demo.forget, max_length=256)
+    retain = encode_items(tokenizer, demo.retain[:8], max_length=256)
+    half = forget["labels"].clone()
+    half[:, ::2] = -100  # any split works: every other target is "template"
+    split = forget | {"labels": forget["labels"].where(half == -100, -100), "template_labels": half}
+    params, objective = {"retain_weight": 3.0}, get_objective("ihl")
+    plain = training._summed_step(model, objective, params, {k: split[k] for k in forget}, retain)
+    preserved = training._summed_step(model, objective, params, split, retain)
+    logits = model(input_ids=forget["input_ids"], attention_mask=forget["attention_mask"]).logits
+    assert preserved - plain == pytest.approx(3.0 * token_nll(logits, half).item(), rel=1e-4)
+
+
 def test_eul_alternation_trains_every_forget_batch(
     demo: Demo, tiny_demo_model, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -261,6 +277,10 @@ def test_config_round_trips_through_json() -> None:
         {"item_ma_quantile": 2},
         {"item_ma_quantile": True},
         {"retain_weight_doublings": -1},
+        {"template_context": -1},
+        {"template_preserve": True},
+        {"method": "ga", "template_context": 2, "template_preserve": True},
+        {"method": "ihl", "mgda": True, "template_context": 2, "template_preserve": True},
         {"learning_rate": "fast"},
         {"mgda": "yes"},
         {"max_steps": 10.5},

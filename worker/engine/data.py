@@ -2,11 +2,13 @@
 
 An item is `{"text": ...}` (every token is a target) or `{"prompt": ..., "completion": ...}` (only the
 completion's tokens are targets). A batch is a dict of `input_ids`, `attention_mask` and `labels` [B, T],
-padded on the right; `labels` is `input_ids` with -100 on padding and prompt tokens (unshifted).
+padded on the right; `labels` is `input_ids` with -100 on padding and prompt tokens (unshifted). A forget batch
+split by split_template_targets also carries `template_labels`.
 """
 
 from __future__ import annotations
 
+from collections import Counter, defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -91,6 +93,38 @@ def chunks(batch: Batch, batch_size: int) -> Iterator[Batch]:
     """One pass over the rows in order, batch_size rows at a time."""
     for start in range(0, batch["input_ids"].shape[0], batch_size):
         yield select_rows(batch, slice(start, start + batch_size))
+
+
+def ngram_continuations(batches: Sequence[Batch], context: int) -> dict[tuple[int, ...], set[int]]:
+    """A k-gram model's greedy predictions (k = `context`): for every run of k tokens in the batches' rows (padding
+    excluded), the tokens that most often follow it there (every one of them on a tie)."""
+    counts: dict[tuple[int, ...], Counter[int]] = defaultdict(Counter)
+    for batch in batches:
+        lengths = batch["attention_mask"].sum(dim=1).tolist()
+        for ids, length in zip(batch["input_ids"].tolist(), lengths, strict=True):
+            for t in range(context, length):
+                counts[tuple(ids[t - context : t])][ids[t]] += 1
+    return {ctx: {tok for tok, n in c.items() if n == max(c.values())} for ctx, c in counts.items()}
+
+
+def split_template_targets(batch: Batch, predicted: Mapping[tuple[int, ...], set[int]], context: int) -> Batch:
+    """`batch` with its targets split into "specific" (`labels`) and "template" (`template_labels`), IGNORE_INDEX
+    elsewhere in each.
+
+    A target is template when the k-gram model of the operator's corpora (ngram_continuations, k = `context`) predicts
+    it from its k preceding tokens - what greedy decoding gets right without knowing the person, as for the holdout
+    items - and specific otherwise: token-selective unlearning (Wan et al. 2025, arXiv 2506.00876; Zhou et al. 2025,
+    arXiv 2506.03142, whose targeted words are unlearned and general words preserved) with the selector a k-gram
+    lookup. A row left with no specific target keeps all its targets in `labels` (nothing would forget it otherwise).
+    """
+    labels, template = batch["labels"].clone(), torch.full_like(batch["labels"], IGNORE_INDEX)
+    for row, ids in enumerate(batch["input_ids"].tolist()):
+        targets = (labels[row] != IGNORE_INDEX).nonzero()[:, 0].tolist()
+        hits = [t for t in targets if t >= context and ids[t] in predicted.get(tuple(ids[t - context : t]), ())]
+        if len(hits) < len(targets):
+            template[row, hits] = labels[row, hits]
+            labels[row, hits] = IGNORE_INDEX
+    return batch | {"labels": labels, "template_labels": template}
 
 
 def to_device(batch: Batch, device: torch.device | str) -> Batch:

@@ -41,7 +41,9 @@ from worker.engine.data import (
     encode_items,
     iterate_batches,
     iterate_rows,
+    ngram_continuations,
     select_rows,
+    split_template_targets,
     to_device,
 )
 from worker.engine.evaluation import Evaluation, evaluate, holdout_ma_level, item_at_target, score_items
@@ -86,6 +88,8 @@ class UnlearnConfig:
     retain_focus: float = 0.0  # share of each retain batch drawn from the retain rows nearest the forget rows
     retain_dual_step: float = 0.0  # PDU's dual ascent step on the retain weight (0: the objective's fixed weight)
     retain_bound: float = 1.02  # with the dual: retain perplexity per batch at most this multiple of the original's
+    template_context: int = 0  # k > 0: the forget term skips the targets a k-gram model of retain + holdout predicts
+    template_preserve: bool = False  # with template_context: those targets join the retain term (NLL, retain weight)
     retain_eval_items: int = 64  # retain items (and general text items) sampled for perplexity
     eval_batch_size: int = 32  # rows per teacher-forced evaluation pass
     generation_batch_size: int = 256  # prompts decoded together for extraction metrics
@@ -116,7 +120,11 @@ class UnlearnConfig:
             raise ValueError("retain_dual_step must be >= 0 and retain_bound a ratio >= 1")
         if self.retain_dual_step and (self.mgda or get_objective(self.method).alternate):
             raise ValueError("the retain dual weight applies to summed steps, not to mgda or alternating methods")
-        for name in ("kept_eval_items", "retain_weight_doublings", "constraint_patience"):
+        if self.template_preserve and not (self.template_context and "retain_weight" in self.objective_params()):
+            raise ValueError("template_preserve needs template_context > 0 and an objective with a retain weight")
+        if self.template_preserve and (self.mgda or get_objective(self.method).alternate):
+            raise ValueError("template_preserve applies to summed steps, not to mgda or alternating methods")
+        for name in ("kept_eval_items", "retain_weight_doublings", "constraint_patience", "template_context"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be at least 0, got {getattr(self, name)}")
         if not 0 <= self.kept_extractable_min <= 1:
@@ -228,6 +236,8 @@ def unlearn(
     generator = torch.Generator().manual_seed(config.seed)
     forget = encode_items(tokenizer, items.forget, config.max_length)
     retain = encode_items(tokenizer, items.retain, config.max_length)
+    if config.template_context:  # the forget term (and FILA's forget Fisher) on the record-specific tokens only
+        forget = _specific_targets(tokenizer, forget, retain, items, config)
     sets = _evaluation_sets(tokenizer, items, config)
     forget_batches = iterate_rows(forget["input_ids"].shape[0], config.batch_size, generator)
 
@@ -415,6 +425,18 @@ def _not_at_target(rows: Tensor, at_target: list[int], n: int, batch_size: int) 
     return left if len(left) else (~done).nonzero()[:batch_size, 0]
 
 
+def _specific_targets(
+    tokenizer: PreTrainedTokenizerBase, forget: Batch, retain: Batch, items: ItemSets, config: UnlearnConfig
+) -> Batch:
+    """The forget batch with its targets split into specific and template ones (data.split_template_targets), the
+    template read from the operator's own corpora (retain and holdout), never from other requests' forget texts."""
+    corpus = [retain] + ([encode_items(tokenizer, items.holdout, config.max_length)] if items.holdout else [])
+    split = split_template_targets(
+        forget, ngram_continuations(corpus, config.template_context), config.template_context
+    )
+    return split if config.template_preserve else {key: t for key, t in split.items() if key != "template_labels"}
+
+
 def forget_target(before: Evaluation, config: UnlearnConfig) -> dict[str, float]:
     """From the base model's evaluation: the holdout means of MA and EL_n, and each item's MA target."""
     means = evaluate(before, ["holdout_ma", "holdout_el"])
@@ -507,9 +529,12 @@ def _summed_step(
     r: Batch,
     dual: DualRetainWeight | None = None,
 ) -> float:
-    """L = forget term on F + retain term on R (+ lambda * NLL(R) with the dual); each term backpropagated as soon
-    as it is computed."""
-    loss = objective.forget(_loss_inputs(model, f, objective.forget_needs_ref), params)
+    """L = forget term on F (+ retain weight * NLL of F's template targets with template_preserve) + retain term on
+    R (+ lambda * NLL(R) with the dual); each term backpropagated as soon as it is computed."""
+    x = _loss_inputs(model, f, objective.forget_needs_ref)
+    loss = objective.forget(x, params)
+    if "template_labels" in f:  # template_preserve: the forget rows' template targets kept (Zhou et al. 2025)
+        loss = loss + params["retain_weight"] * token_nll(x.logits, f["template_labels"])
     loss.backward()
     if objective.retain is None and dual is None:
         return loss.item()
