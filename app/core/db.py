@@ -42,7 +42,8 @@ MAX_INTEGER = 2**31 - 1
 
 # Connections kept open per process: one for each thread of the thread pool (anyio's default limit, 40), which runs
 # every request's database work; a request holds its connection from its first query to its commit. Beyond
-# pool_size a connection is closed on return, so a smaller pool reconnects to PostgreSQL under load.
+# pool_size a connection is closed on return, so a smaller pool reconnects to PostgreSQL under load. No overflow:
+# two API workers stay within PostgreSQL's default 100 connections.
 POOL_SIZE = 40
 
 # 64-bit keys on PostgreSQL; SQLite only auto-increments a column declared exactly INTEGER.
@@ -78,7 +79,7 @@ def make_engine(url: str, sqlite_busy_timeout: float = 5.0) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=10)
+    return create_engine(url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=0)
 
 
 def erase_freed_pages(session: Session) -> None:
