@@ -33,6 +33,7 @@ from bench.load import (
     fresh_database,
     post_window,
     queued_jobs,
+    server_settings,
     tree_env,
 )
 from worker.demo_model import build_demo_model
@@ -54,13 +55,7 @@ def start(
     tree_dir.mkdir()
     database_url = stack.enter_context(fresh_database(args.admin_url, tree, log))
     admin_key, writers, _ = create_keys(database_url, 1)
-    settings = {
-        "UNLEARND_DATABASE_URL": database_url,
-        "UNLEARND_BROKER_URL": args.broker_url,
-        "UNLEARND_DATA_DIR": str(tree_dir / "data"),
-        "UNLEARND_RATE_LIMIT_PER_MINUTE": "1e9",
-        "UNLEARND_RATE_LIMIT_BURST": "1000000",
-    }
+    settings = server_settings(database_url, args.broker_url, tree_dir / "data")
     server: Server = stack.enter_context(api_server(tree_env(tree, settings), tree_dir, log))
     queued_jobs(server.base_url, admin_key, args.demo, 1, 1)  # the tiny demo model, registered
     return server, writers[0][0], make_url(database_url).database, tree_dir
@@ -79,6 +74,8 @@ def main() -> None:
     p.add_argument("--admin-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
     p.add_argument("--broker-url", default="redis://127.0.0.1:6379/15")
     args = p.parse_args()
+    if not args.baseline_ref:
+        p.error("--baseline-ref: a git ref is needed, this bench compares two trees")
     mix = Mix(replay_fraction=0.1, conflict_fraction=0.02, items=2)
     work_dir = Path(tempfile.mkdtemp(prefix="unlearnd-load-ab-"))
     try:
