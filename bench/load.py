@@ -411,20 +411,25 @@ class Row:
     audit: Audit | None  # POST windows only
 
 
+def server_settings(database_url: str, broker_url: str, data_dir: Path) -> dict[str, str]:
+    """The server's environment: its database, Redis and folder."""
+    return {
+        "UNLEARND_DATABASE_URL": database_url,
+        "UNLEARND_BROKER_URL": broker_url,
+        "UNLEARND_DATA_DIR": str(data_dir),
+        # the bench measures the API, not the per-key rate limit (still checked in Redis on every request)
+        "UNLEARND_RATE_LIMIT_PER_MINUTE": "1e9",
+        "UNLEARND_RATE_LIMIT_BURST": "1000000",
+    }
+
+
 def measure(tree: CodeTree, args: argparse.Namespace, demo: DemoModel, work_dir: Path, log: Log) -> list[Row]:
     mix = Mix(args.replay_fraction, args.conflict_fraction, args.items)
     tree_dir = work_dir / re.sub(r"[^A-Za-z0-9]+", "-", tree.label)
     tree_dir.mkdir()
     with fresh_database(args.admin_url, tree, log) as database_url:
         admin_key, writers, reader_key = create_keys(database_url, len(args.clients))
-        settings = {
-            "UNLEARND_DATABASE_URL": database_url,
-            "UNLEARND_BROKER_URL": args.broker_url,
-            "UNLEARND_DATA_DIR": str(tree_dir / "data"),
-            # the bench measures the API, not the per-key rate limit (still checked in Redis on every request)
-            "UNLEARND_RATE_LIMIT_PER_MINUTE": "1e9",
-            "UNLEARND_RATE_LIMIT_BURST": "1000000",
-        }
+        settings = server_settings(database_url, args.broker_url, tree_dir / "data")
         with api_server(tree_env(tree, settings), tree_dir, log) as server:
             jobs = queued_jobs(server.base_url, admin_key, demo, args.job_models, args.requests_per_job)
             log(f"{tree.label}: server on {server.base_url}, {jobs} queued jobs")

@@ -85,7 +85,11 @@ def list_models(session: Session) -> list[RegisteredModel]:
 
 
 def get_by_name(session: Session, name: str) -> RegisteredModel:
-    model = session.scalar(select(RegisteredModel).where(RegisteredModel.name == name))
+    return found(session, name, session.scalar(select(RegisteredModel).where(RegisteredModel.name == name)))
+
+
+def found(session: Session, name: str, model: RegisteredModel | None) -> RegisteredModel:
+    """The model looked up under `name`, or 404 listing the known ones."""
     if model is None:
         known = [m.name for m in list_models(session)]
         raise NotFound(f"unknown model '{name}'", {"known_models": known})

@@ -40,6 +40,12 @@ class UTCDateTime(TypeDecorator):
 # The largest value an INTEGER column holds (ids, versions): bigger numbers in a request are refused up front.
 MAX_INTEGER = 2**31 - 1
 
+# Connections kept open per process: one for each thread of the thread pool (anyio's default limit, 40), which runs
+# every request's database work; a request holds its connection from its first query to its commit. Beyond
+# pool_size a connection is closed on return, so a smaller pool reconnects to PostgreSQL under load. No overflow:
+# two API workers stay within PostgreSQL's default 100 connections.
+POOL_SIZE = 40
+
 # 64-bit keys on PostgreSQL; SQLite only auto-increments a column declared exactly INTEGER.
 BigIntKey = BigInteger().with_variant(Integer(), "sqlite")
 
@@ -73,7 +79,7 @@ def make_engine(url: str, sqlite_busy_timeout: float = 5.0) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    return create_engine(url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=0)
 
 
 def erase_freed_pages(session: Session) -> None:

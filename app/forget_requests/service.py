@@ -7,13 +7,14 @@ import json
 import uuid
 from datetime import datetime
 
-from sqlalchemy import ColumnElement, select, true, tuple_
+from sqlalchemy import ColumnElement, and_, literal, select, true, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.audit.service import record
 from app.auth.models import ApiKey
-from app.base_models.service import get_by_name
+from app.base_models.models import RegisteredModel
+from app.base_models.service import found, get_by_name
 from app.callbacks.secrets import require_secret
 from app.callbacks.targets import check_callback_urls
 from app.core.canonical import canonical_json
@@ -65,6 +66,25 @@ def _existing(session: Session, key: ApiKey, subject_request_id: str) -> ForgetR
     )
 
 
+def _original_and_model(
+    session: Session, key: ApiKey, data: ForgetRequestCreate
+) -> tuple[ForgetRequest | None, RegisteredModel | None]:
+    """The tenant's earlier submission under this subject_request_id and the model named, either None when there is
+    none: one round trip (both outer-joined to a one-row anchor) instead of two."""
+    anchor = select(literal(1).label("one")).subquery("anchor")
+    query = (
+        select(ForgetRequest, RegisteredModel)
+        .select_from(anchor)
+        .outerjoin(
+            ForgetRequest,
+            and_(ForgetRequest.tenant == key.tenant, ForgetRequest.subject_request_id == data.subject_request_id),
+        )
+        .outerjoin(RegisteredModel, RegisteredModel.name == data.model)
+    )
+    original, model = session.execute(query).one()
+    return original, model
+
+
 def _replay(original: ForgetRequest, digest: str) -> ForgetRequest:
     if original.body_sha256 != digest:
         raise Conflict(
@@ -79,10 +99,10 @@ def submit(session: Session, key: ApiKey, data: ForgetRequestCreate, settings: S
     original, whichever of the tenant's keys sent it first (so a rotated key replays its predecessor's requests)."""
     _check_limits(data, settings)
     digest = body_digest(data)
-    original = _existing(session, key, data.subject_request_id)
+    original, model = _original_and_model(session, key, data)
     if original is not None:
         return _replay(original, digest), False
-    model = get_by_name(session, data.model)
+    model = found(session, data.model, model)
     callback_urls = [str(url) for url in data.status_callback_urls or []]
     check_callback_urls(callback_urls, settings)
     if callback_urls:

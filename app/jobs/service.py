@@ -5,7 +5,7 @@ import uuid
 from collections.abc import Sequence
 
 from sqlalchemy import ColumnElement, select, true, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload
 
 from app.adapters.models import AdapterVersion
 from app.audit.service import record
@@ -133,7 +133,12 @@ def list_jobs(
     tenant: a tenant's key learns nothing about who else shares its jobs."""
     if tenant is not None and not key.is_admin and tenant != key.tenant:
         return [], None
-    query = select(UnlearningJob).where(visible_to(key))
+    # Of each job's model, only the name a page shows: the rest (JSON settings among it) loads if something reads it.
+    query = (
+        select(UnlearningJob)
+        .options(joinedload(UnlearningJob.base_model).load_only(RegisteredModel.name))
+        .where(visible_to(key))
+    )
     if tenant is not None:
         query = query.where(UnlearningJob.requests.any(ForgetRequest.tenant == tenant))
     if status is not None:
