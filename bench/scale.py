@@ -42,11 +42,11 @@ from worker.engine import (
     adapter_init,
     unlearn,
 )
-from worker.engine.adapters import adapter_deltas, attach_adapter, lora_layers
+from worker.engine.adapters import adapter_factors, attach_adapter
 from worker.engine.data import chunks, encode_items, iterate_batches, to_device
 from worker.engine.evaluation import evaluate
 from worker.engine.fila import fisher_weighted_init
-from worker.engine.fusion import FusedAdapter, FusionState, add_job, fused_lora, input_grams, save_fusion_state
+from worker.engine.fusion import JOB, Entry, FusedAdapter, FusionState, add_entry, fused_lora, save_fusion_state
 from worker.engine.loading import adamw, load_causal_lm, prepare_for_training
 from worker.engine.memory import ModelShape, available_bytes, embedding_params, gib, linear_params, plan_memory
 from worker.engine.objectives import get_objective
@@ -64,7 +64,7 @@ PRECISIONS = {"fp32": ModelSettings(precision="fp32"), "bf16": ModelSettings(pre
               "nf4": ModelSettings(quantization="nf4")}  # fmt: skip
 DATASHEET_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}  # dense, no sparsity
 COLUMNS = ("layers", "peak GiB plan / measured", "s/step", "tokens/step (padding)", "tokens/s", "MFU",
-           "s/check EL / MA+ppl", "check / training between checks", "FILA s", "fusion s", "state GB/job",
+           "s/check EL / MA+ppl", "check / training between checks", "FILA s", "fusion s", "state MB/job",
            "publish s")  # fmt: skip
 
 
@@ -194,13 +194,10 @@ def measure(
 
     log(f"check {check_s:.1f} s, {lazy_s:.1f} s without EL; fusion")
     fusion = FusionSettings()
-    names = [name for name in lora_layers(peft_model.get_base_model()) if _layer(name) < args.fusion_layers]
 
-    def fuse() -> tuple[FusionState, FusedAdapter]:
-        deltas = {name: d for name, d in adapter_deltas(peft_model).items() if name in names}
-        grams = input_grams(peft_model, list(chunks(forget, config.eval_batch_size)), names)
-        state = add_job(FusionState(), "job-1", grams, deltas)
-        return state, fused_lora(state, None, fusion.mu, fusion.eps, fusion.max_error, fusion.max_rank)
+    def fuse() -> tuple[FusionState, FusedAdapter]:  # one job's entry, compressed (no retain protection: mu 0)
+        state = add_entry(FusionState(), "job-1", Entry(JOB, adapter_factors(peft_model)))
+        return state, fused_lora(state, None, fusion.mu, fusion.max_error, fusion.max_rank)
 
     (state, fused), fusion_s = timed(fuse, device)
     with tempfile.TemporaryDirectory() as tmp:
@@ -209,7 +206,6 @@ def measure(
             lambda: (fused.save_adapter(out), save_fusion_state(state, out / FUSION_STATE_FILE)), device
         )
         state_bytes = (out / FUSION_STATE_FILE).stat().st_size
-    scale = shape.layers / args.fusion_layers
     ratio = {name: seconds / (config.eval_every * step_s) for name, seconds in (("el", check_s), ("lazy", lazy_s))}
     cells = {
         "layers": f"{shape.layers}",
@@ -221,9 +217,9 @@ def measure(
         "s/check EL / MA+ppl": f"{check_s:.1f} / {lazy_s:.1f}",
         "check / training between checks": f"{ratio['el']:.2f} / {ratio['lazy']:.2f}",
         "FILA s": f"{fila_s:.1f}",
-        "fusion s": f"{fusion_s * scale:.1f}",
-        "state GB/job": f"{state_bytes * scale / 1e9:.1f}",
-        "publish s": f"{publish_s * scale:.1f}",
+        "fusion s": f"{fusion_s:.1f}",
+        "state MB/job": f"{state_bytes / 1e6:.1f}",
+        "publish s": f"{publish_s:.1f}",
     }
     if args.job:
         cells["job s (steps, stop)"] = job_seconds(path, items, config, device)
@@ -235,11 +231,6 @@ def job_seconds(path: Path, items: ItemSets, config: UnlearnConfig, device: str)
     model, tokenizer = load_causal_lm(path, device=device, settings=config.model)
     result, seconds = timed(lambda: unlearn(model, tokenizer, items, config, adapter_init(config.adapter.init)), device)
     return f"{seconds:.0f} ({result.steps}, {result.stop_reason})"
-
-
-def _layer(name: str) -> int:
-    """The decoder layer a module name is in."""
-    return int(next(part for part in name.split(".") if part.isdigit()))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -255,7 +246,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-batch-size", type=int, default=engine.eval_batch_size)
     p.add_argument("--retain-eval-items", type=int, default=engine.retain_eval_items)
     p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
-    p.add_argument("--fusion-layers", type=int, default=1, help="decoder layers fused and published (x layers)")
     p.add_argument("--job", action="store_true", help="also time a whole unlearn() call")
     p.add_argument("--memory-gib", type=float, default=0, help="memory budget (0: the device's free memory)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -301,8 +291,7 @@ def print_header(columns: list[str], args: argparse.Namespace, peaks: dict[str, 
     print(f"# engine: {e.method}, rank {e.adapter.rank}, {e.adapter.init} init, batch {e.batch_size}+{e.batch_size} "
           f"rows, max_length {e.max_length}, eval_every {e.eval_every}, {args.forget_items} forget records, "
           f"retain sample {e.retain_eval_items}, eval batch {e.eval_batch_size}, "
-          f"checkpointing {args.checkpointing}; fusion and publish: {args.fusion_layers} layer(s) timed, "
-          "times the layer count")  # fmt: skip
+          f"checkpointing {args.checkpointing}")  # fmt: skip
     print("| shape | precision | " + " | ".join(columns) + " |")
     print("|---|---|" + "---|" * len(columns), flush=True)
 
