@@ -172,8 +172,8 @@ def test_progress_reports_baseline_then_increasing_steps_then_done(demo: Demo) -
     assert [point["step"] for point in result.curve] == [0, *steps]
     assert all(p.total == 60 for p in progress)
     assert {"forget_ma", "retain_ppl"} <= set(progress[1].metrics)
-    # every check reports EL: decoded for the items that can be at target, the last decoded EL for the others
-    assert all("forget_el" in point and "items_at_target" in point for point in result.curve[1:])
+    # a check decodes EL only where every item can be at its target (check_items): the one that stops the run does
+    assert all("items_at_target" in point for point in result.curve[1:]) and "forget_el" in result.curve[-1]
 
 
 def test_a_check_decides_each_item_as_the_full_evaluation_does(demo: Demo) -> None:
@@ -187,15 +187,15 @@ def test_a_check_decides_each_item_as_the_full_evaluation_does(demo: Demo) -> No
     forget, retain = (encode_items(tokenizer, items, config.max_length) for items in (demo.forget, demo.retain))
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], config.learning_rate)
     retain = select_rows(retain, torch.arange(config.batch_size))
-    objective, not_decoded, shares, skipped = get_objective("ihl"), torch.full((len(demo.forget),), -1.0), [], []
+    objective, shares, skipped = get_objective("ihl"), [], []
     for step in range(60):
         if step % 3 == 0:
             full = training._items_at_target(training._evaluation(peft_model, sets, config), target)
-            at_target, el = training.check_items(training._evaluation(peft_model, sets, config), target, not_decoded)
-            assert at_target == [row for row, item in enumerate(full) if item["at_target"]]
-            decoded = el >= 0  # an item not decoded keeps the EL it was given: -1 here
+            at_target, el = training.check_items(training._evaluation(peft_model, sets, config), target)
+            assert at_target.tolist() == [item["at_target"] == 1.0 for item in full]
+            decoded = ~el.isnan()
             assert el[decoded].tolist() == pytest.approx([full[i]["el"] for i in decoded.nonzero()[:, 0].tolist()])
-            shares.append(len(at_target) / len(full))
+            shares.append(float(at_target.float().mean()))
             skipped.append(int((~decoded).sum()))
             if shares[-1] == 1.0:
                 break

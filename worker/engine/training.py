@@ -49,6 +49,7 @@ from worker.engine.inits import ADAPTER_INITS, AdapterInit
 from worker.engine.loading import ModelSettings, adamw, prepare_for_training
 from worker.engine.mgda import common_descent_direction
 from worker.engine.objectives import OBJECTIVES, LossInputs, Objective, get_objective, retain_nll, token_nll
+from worker.engine.packing import packed_logits
 from worker.engine.retain import DualRetainWeight, focused_batches, mean_hidden_states, nearest_rows
 from worker.engine.settings import check_types, settings_from_dict
 
@@ -163,8 +164,9 @@ class UnlearnResult:
     model: PeftModel
     stop_reason: str  # "target_reached" | "step_budget" | "utility_tolerance" | "cancelled"
     steps: int
-    curve: list[dict[str, float]]  # per evaluation: step, seconds, loss, CURVE_METRICS, the kept ones and
-    # items_at_target (share of forget items at their target), retain_scale (the retain weight's multiplier)
+    curve: list[dict[str, float]]  # per evaluation: step, seconds, loss, CURVE_METRICS (forget_el where every item's
+    # EL was decoded, see check_items), the kept ones, items_at_target (share of forget items at their target) and
+    # retain_scale (the retain weight's multiplier)
     target: dict[str, float]  # forget_ma, forget_el: the holdout means; item_ma: each item's MA target
     items_before: list[dict[str, float]]  # per forget item: nll, ma, el, verbatim, repetition, min_k, at_target
     items_after: list[dict[str, float]]
@@ -189,7 +191,6 @@ class Checkpoint:
     items_before: list[dict[str, float]]
     at_target: list[int] = field(default_factory=list)  # forget rows at their target at the last evaluation
     retain_dual: float = 0.0  # DualRetainWeight.value
-    last_el: list[float] = field(default_factory=list)  # each forget item's last decoded EL_n (check_items)
 
     def save(self, path: Path) -> None:
         torch.save(asdict(self), path)
@@ -293,12 +294,9 @@ def unlearn(
                     items_before,
                     at_target,
                     dual.value if dual is not None else 0.0,
-                    last_el.tolist(),
                 )
             )
 
-    # each forget item's last decoded EL_n (a checkpoint from before check_items has none)
-    last_el = torch.tensor((resume.last_el if resume is not None else []) or [item["el"] for item in items_before])
     started = time.monotonic() - curve[-1]["seconds"]
     retain_scale = curve[-1].get("retain_scale", 1.0)  # a checkpoint from before the constraints has none
     # the step of the last doubling (the first evaluation at the current scale), None before any
@@ -335,9 +333,11 @@ def unlearn(
         if step % config.eval_every == 0 or step == config.max_steps:
             ev = _evaluation(model, sets, config)
             point = evaluate(ev, [name for name in _curve_metrics(sets) if name != "forget_el"])
-            at_target, last_el = check_items(ev, target, last_el)
-            point["forget_el"] = float(last_el.mean())
-            point["items_at_target"] = len(at_target) / len(last_el)
+            at, el = check_items(ev, target)
+            if not el.isnan().any():  # every item decoded: the same mean as the forget_el metric
+                point["forget_el"] = float(el.mean())
+            at_target = at.nonzero()[:, 0].tolist()
+            point["items_at_target"] = float(at.float().mean())
             stop_reason = _stop_reason(point, limits)
             if stop_reason == "utility_tolerance" and "retain_weight" in params:  # react rather than stop
                 waited = scaled_at is None or step - scaled_at >= config.constraint_patience
@@ -434,21 +434,20 @@ def _items_at_target(ev: Evaluation, target: Mapping[str, float]) -> list[dict[s
     return [item | {"at_target": float(item_at_target(item, target))} for item in ev.items("forget")]
 
 
-def check_items(ev: Evaluation, target: Mapping[str, float], last_el: Tensor) -> tuple[list[int], Tensor]:
-    """A stopping-rule check's per-item target: the forget rows at their target, and each item's EL_n.
+def check_items(ev: Evaluation, target: Mapping[str, float]) -> tuple[Tensor, Tensor]:
+    """A stopping-rule check's per-item target: whether each forget item is at it [N], and its EL_n [N].
 
-    Gives the at_target of _items_at_target at less cost: an item reproduced verbatim or above its MA target (one
-    teacher-forced pass) is not at its target whatever its EL, so EL_n is decoded only for the others; an item not
-    decoded keeps its `last_el` (the curve's forget_el is the mean of these).
+    The at_target of _items_at_target at less cost: an item reproduced verbatim or above its MA target (one
+    teacher-forced pass) is not at its target whatever its EL, so EL_n is decoded only for the others (nan for the
+    rest: decoding is most of a check's cost, and the rule cannot fire while any item is ruled out).
     """
     s = ev.scores("forget")
     can = (s.verbatim == 0) & (s.ma.double() <= target["item_ma"])
-    el = last_el.clone()
+    el = torch.full_like(s.ma, float("nan"))
     rows = can.nonzero()[:, 0]
     if len(rows):
         el[rows] = ev.extraction_of("forget", rows).el
-    at_target = can & (el.double() <= target["forget_el"])
-    return at_target.nonzero()[:, 0].tolist(), el
+    return can & (el.double() <= target["forget_el"]), el
 
 
 def _share_at_target(items: list[dict[str, float]]) -> float:
@@ -511,13 +510,13 @@ def _curve_point(metrics: Mapping[str, float]) -> dict[str, float]:
 
 
 def _loss_inputs(model: PeftModel, batch: Batch, needs_ref: bool) -> LossInputs:
-    """Student logits on the batch, and the original model's when the term needs them."""
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    """Student logits on the batch, and the original model's when the term needs them; the rows go through packed
+    (packing.py: no padding computed, no attention across items)."""
     ref_logits = None
     if needs_ref:
         with reference_model(model):
-            ref_logits = model(**inputs).logits
-    return LossInputs(logits=model(**inputs).logits, labels=batch["labels"], ref_logits=ref_logits)
+            ref_logits = packed_logits(model, batch)
+    return LossInputs(logits=packed_logits(model, batch), labels=batch["labels"], ref_logits=ref_logits)
 
 
 def _summed_step(
