@@ -50,6 +50,7 @@ from worker.engine.fusion import JOB, Entry, FusedAdapter, FusionState, add_entr
 from worker.engine.loading import adamw, load_causal_lm, prepare_for_training
 from worker.engine.memory import ModelShape, available_bytes, embedding_params, gib, linear_params, plan_memory
 from worker.engine.objectives import get_objective
+from worker.engine.packing import pack_rows
 from worker.engine.training import _curve_metrics, _evaluation, _evaluation_sets, _summed_step, base_extractable
 
 SHAPES = {  # Llama 3.2 1B and Llama 3 8B
@@ -63,7 +64,7 @@ SHAPES = {  # Llama 3.2 1B and Llama 3 8B
 PRECISIONS = {"fp32": ModelSettings(precision="fp32"), "bf16": ModelSettings(precision="bf16"),
               "nf4": ModelSettings(quantization="nf4")}  # fmt: skip
 DATASHEET_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}  # dense, no sparsity
-COLUMNS = ("layers", "peak GiB plan / measured", "s/step", "tokens/step (padding)", "tokens/s", "MFU",
+COLUMNS = ("layers", "peak GiB plan / measured", "s/step", "tokens/step (padding packed)", "tokens/s", "MFU",
            "s/check EL all / none", "check / training between checks", "FILA s", "fusion s", "state MB/job",
            "publish s")  # fmt: skip
 
@@ -174,7 +175,7 @@ def measure(
         nonlocal real, padded
         f, r = to_device(next(forget_batches), device), to_device(next(retain_batches), device)
         real += int(f["attention_mask"].sum() + r["attention_mask"].sum())
-        padded += f["attention_mask"].numel() + r["attention_mask"].numel()
+        padded += pack_rows(f).input_ids.numel() + pack_rows(r).input_ids.numel()  # the rows go through packed
         peft_model.train()
         optimizer.zero_grad(set_to_none=True)
         _summed_step(peft_model, objective, obj_params, f, r)
@@ -217,7 +218,7 @@ def measure(
         "layers": f"{shape.layers}",
         "peak GiB plan / measured": f"{gib(plan.peak):.1f} / {gib(measured_peak):.1f}",
         "s/step": f"{step_s:.2f}",
-        "tokens/step (padding)": f"{tokens:.0f} ({1 - real / padded:.0%})",
+        "tokens/step (padding packed)": f"{tokens:.0f} ({1 - real / padded:.0%})",
         "tokens/s": f"{tokens / step_s:.0f}",
         "MFU": f"{4 * params * tokens / step_s / peak:.1%}",  # 4 x params x tokens: see the module docstring
         "s/check EL all / none": f"{check_s:.1f} / {lazy_s:.1f}",
