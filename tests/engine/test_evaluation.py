@@ -14,7 +14,6 @@ from worker.engine.data import IGNORE_INDEX, Batch
 from worker.engine.evaluation import (
     Evaluation,
     auc,
-    el_lower_bound,
     evaluate,
     extraction,
     ngram_overlap,
@@ -148,24 +147,6 @@ def test_extraction_likelihood_matches_brute_force_decoding(model: nn.Module, n:
     batch = make_batch(rows, [1, 3, 0, 2])
     fast = extraction(model, batch, n, batch_size=3)
     assert fast.el.tolist() == pytest.approx(brute_force_el(model, batch, n))
-
-
-@pytest.mark.parametrize(
-    ("model", "n"),
-    [(MEMORISING, 2), (MEMORISING, 3), (tiny_llama(), 1)],
-    ids=["memorising-bigram-2", "memorising-bigram-3", "random-llama-1"],
-)
-def test_el_lower_bound_from_teacher_forced_hits_never_exceeds_el(model: nn.Module, n: int) -> None:
-    rows = [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 1, 2, 3, 4], [1, 2, 11], [10, 3, 4, 5, 1, 2, 7]]
-    batch = make_batch(rows, [1, 3, 0, 2])
-    bound = el_lower_bound(batch, score_items(model, batch, 4).hits, n)
-    el = torch.tensor(brute_force_el(model, batch, n))
-    assert (bound <= el + 1e-6).all()
-
-
-def test_el_lower_bound_is_tight_for_a_memorised_item_and_zero_for_an_unseen_one() -> None:
-    batch = make_batch([[1, 2, 3, 4, 5, 6], [10, 11, 10, 11, 10]], [1, 1])
-    assert el_lower_bound(batch, score_items(MEMORISING, batch, 8).hits, 2).tolist() == [1.0, 0.0]
 
 
 def test_fully_memorised_item_has_el_one_and_unseen_item_zero() -> None:

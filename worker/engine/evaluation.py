@@ -165,32 +165,6 @@ class Extraction:
     repetition: Tensor  # repeated n-gram rate of the continuation from the extraction prefix (fluency check)
 
 
-def _el_prefixes(batch: Batch, n: int) -> tuple[Tensor, Tensor, Tensor]:
-    """EL_n's first and last prefix of each item and its n (the target length for a shorter item) [B] each."""
-    lengths = batch["attention_mask"].sum(dim=1)
-    first = (batch["labels"][:, 1:] != IGNORE_INDEX).long().argmax(dim=1) + 1
-    n_item = (lengths - first).clamp(max=n)
-    return first, lengths - n_item, n_item
-
-
-def el_lower_bound(batch: Batch, hits: Tensor, n: int) -> Tensor:
-    """A lower bound of each item's EL_n from its teacher-forced greedy hits (ItemScores.hits) alone [B].
-
-    When x_t..x_t+k-1 are all greedy hits, greedy decoding from prefix t sees exactly the teacher-forced inputs and
-    emits them, so at least k - n + 1 of its continuation's L - t - n + 1 n-grams are in the true continuation.
-    """
-    first, last, n_item = _el_prefixes(batch, n)
-    lengths, width = batch["attention_mask"].sum(dim=1), hits.shape[1]
-    run = torch.zeros(hits.shape[0], width + 1, dtype=torch.long)  # run[:, t]: hits in a row from t on
-    for t in range(width - 1, -1, -1):
-        run[:, t] = (run[:, t + 1] + 1) * hits[:, t]
-    positions = torch.arange(width)[None, :]
-    grams = lengths[:, None] - positions - n_item[:, None] + 1
-    found = (run[:, :width] - n_item[:, None] + 1).clamp(min=0)
-    is_prefix = (positions >= first[:, None]) & (positions <= last[:, None])
-    return torch.where(is_prefix, found / grams.clamp(min=1), 0.0).sum(dim=1) / (last - first + 1)
-
-
 def extraction(model: nn.Module, batch: Batch, n: int, batch_size: int, hits: Tensor | None = None) -> Extraction:
     """EL_n and the extraction-prefix continuation's repetition, from one batched greedy decoding.
 
@@ -202,7 +176,9 @@ def extraction(model: nn.Module, batch: Batch, n: int, batch_size: int, hits: Te
     diverges from the item (and the last ones) are decoded; the other continuations are assembled from them.
     """
     lengths, width = batch["attention_mask"].sum(dim=1), batch["input_ids"].shape[1]
-    first, last, n_item = _el_prefixes(batch, n)
+    first = (batch["labels"][:, 1:] != IGNORE_INDEX).long().argmax(dim=1) + 1
+    n_item = (lengths - first).clamp(max=n)
+    last = lengths - n_item
     extraction_cut = extraction_prefix_lengths(batch)
     positions = torch.arange(width)[None, :]
     is_prefix = (positions >= first[:, None]) & (positions <= last[:, None])

@@ -44,14 +44,7 @@ from worker.engine.data import (
     select_rows,
     to_device,
 )
-from worker.engine.evaluation import (
-    Evaluation,
-    el_lower_bound,
-    evaluate,
-    holdout_ma_level,
-    item_at_target,
-    score_items,
-)
+from worker.engine.evaluation import Evaluation, evaluate, holdout_ma_level, item_at_target, score_items
 from worker.engine.inits import ADAPTER_INITS, AdapterInit
 from worker.engine.loading import ModelSettings, adamw, prepare_for_training
 from worker.engine.mgda import common_descent_direction
@@ -444,15 +437,12 @@ def _items_at_target(ev: Evaluation, target: Mapping[str, float]) -> list[dict[s
 def check_items(ev: Evaluation, target: Mapping[str, float]) -> tuple[Tensor, Tensor]:
     """A stopping-rule check's per-item target: whether each forget item is at it [N], and its EL_n [N].
 
-    The at_target of _items_at_target at less cost: an item reproduced verbatim, above its MA target or whose EL_n
-    is above its target already by the lower bound from the teacher-forced hits (one teacher-forced pass for all
-    three) is not at its target, so EL_n is decoded only for the others (nan for the rest: decoding is most of a
-    check's cost, and the rule cannot fire while any item is ruled out).
+    The at_target of _items_at_target at less cost: an item reproduced verbatim or above its MA target (one
+    teacher-forced pass) is not at its target whatever its EL, so EL_n is decoded only for the others (nan for the
+    rest: decoding is most of a check's cost, and the rule cannot fire while any item is ruled out).
     """
     s = ev.scores("forget")
-    bound = el_lower_bound(ev.sets["forget"], s.hits, ev.el_n)
-    # the margin keeps an item whose decoded EL would round to the target decodable
-    can = (s.verbatim == 0) & (s.ma.double() <= target["item_ma"]) & (bound.double() <= target["forget_el"] + 1e-6)
+    can = (s.verbatim == 0) & (s.ma.double() <= target["item_ma"])
     el = torch.full_like(s.ma, float("nan"))
     rows = can.nonzero()[:, 0]
     if len(rows):
