@@ -337,7 +337,7 @@ def unlearn(
             if not el.isnan().any():  # every item decoded: the same mean as the forget_el metric
                 point["forget_el"] = float(el.mean())
             at_target = at.nonzero()[:, 0].tolist()
-            point["items_at_target"] = float(at.float().mean())
+            point["items_at_target"] = len(at_target) / len(at)  # as _share_at_target
             stop_reason = _stop_reason(point, limits)
             if stop_reason == "utility_tolerance" and "retain_weight" in params:  # react rather than stop
                 waited = scaled_at is None or step - scaled_at >= config.constraint_patience
