@@ -24,7 +24,7 @@ from worker.engine import (
     unlearn,
 )
 from worker.engine.adapters import attach_adapter
-from worker.engine.data import encode_items
+from worker.engine.data import encode_items, select_rows
 from worker.engine.evaluation import score_items
 from worker.engine.objectives import LossInputs, get_objective, token_nll
 from worker.engine.training import common_descent_step
@@ -174,8 +174,39 @@ def test_progress_reports_baseline_then_increasing_steps_then_done(demo: Demo) -
     assert [point["step"] for point in result.curve] == [0, *steps]
     assert all(p.total == 60 for p in progress)
     assert {"forget_ma", "retain_ppl"} <= set(progress[1].metrics)
-    # the per-item target needs every item's EL at every check
-    assert all("forget_el" in point and "items_at_target" in point for point in result.curve[1:])
+    # a check decodes EL only where every item can be at its target (check_items): the one that stops the run does
+    assert all("items_at_target" in point for point in result.curve[1:]) and "forget_el" in result.curve[-1]
+
+
+def test_a_check_decides_each_item_as_the_full_evaluation_does(demo: Demo) -> None:
+    """check_items decodes EL only for the items not ruled out by MA or verbatim; its per-item decision must be the
+    full evaluation's at every state of a run, from none of the items at target to all of them."""
+    model, tokenizer = load_causal_lm(demo.model_dir, device="cpu")
+    config = UnlearnConfig.from_dict(COMMON | METHODS["ihl"])
+    sets = training._evaluation_sets(tokenizer, demo.items, config)
+    peft_model = attach_adapter(model, AdapterSettings())
+    target = training.forget_target(training._evaluation(peft_model, sets, config), config)
+    forget, retain = (encode_items(tokenizer, items, config.max_length) for items in (demo.forget, demo.retain))
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], config.learning_rate)
+    retain = select_rows(retain, torch.arange(config.batch_size))
+    objective, shares, skipped = get_objective("ihl"), [], []
+    for step in range(60):
+        if step % 3 == 0:
+            full = training._items_at_target(training._evaluation(peft_model, sets, config), target)
+            at_target, el = training.check_items(training._evaluation(peft_model, sets, config), target)
+            assert at_target.tolist() == [item["at_target"] == 1.0 for item in full]
+            decoded = ~el.isnan()
+            assert el[decoded].tolist() == pytest.approx([full[i]["el"] for i in decoded.nonzero()[:, 0].tolist()])
+            shares.append(float(at_target.float().mean()))
+            skipped.append(int((~decoded).sum()))
+            if shares[-1] == 1.0:
+                break
+        peft_model.train()
+        optimizer.zero_grad()
+        training._summed_step(peft_model, objective, config.objective_params(), forget, retain)
+        optimizer.step()
+    assert shares[0] == 0.0 and shares[-1] == 1.0
+    assert skipped[0] == len(demo.forget) and skipped[-1] == 0  # the base reproduces every item: nothing decoded
 
 
 def test_should_stop_cancels_between_steps(demo: Demo) -> None:

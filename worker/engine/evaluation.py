@@ -14,7 +14,7 @@ from functools import cache
 import torch
 from torch import Tensor, nn
 
-from worker.engine.data import IGNORE_INDEX, Batch, chunks, extraction_prefix_lengths, to_device
+from worker.engine.data import IGNORE_INDEX, Batch, chunks, extraction_prefix_lengths, select_rows, to_device
 from worker.engine.generation import greedy_generate
 from worker.engine.objectives import token_logprobs
 
@@ -55,19 +55,29 @@ class ItemScores:
     min_k: Tensor  # Min-K% Prob: mean log-prob of the item's k% least likely target tokens (Shi et al. 2024)
     verbatim: Tensor  # 1.0 where greedy decoding from the extraction prefix reproduces the continuation
     tokens: Tensor  # number of target tokens
+    hits: Tensor  # [B, T] bool: token t is the greedy prediction from tokens < t (teacher forcing); False at t = 0
 
 
 def score_items(model: nn.Module, batch: Batch, batch_size: int) -> ItemScores:
-    """Per-item teacher-forced scores, batch_size rows per forward pass."""
-    parts = [_score_chunk(model, to_device(chunk, _device(model))) for chunk in chunks(batch, batch_size)]
-    return ItemScores(*(torch.cat(column).cpu() for column in zip(*parts, strict=True)))
+    """Per-item teacher-forced scores, batch_size rows per forward pass; rows go through in order of length, so a pass
+    pads its rows to lengths alike rather than to the longest of the set."""
+    order = batch["attention_mask"].sum(dim=1).argsort(stable=True)
+    parts = [
+        _score_chunk(model, to_device(chunk, _device(model))) for chunk in chunks(select_rows(batch, order), batch_size)
+    ]
+    *columns, hits = (list(column) for column in zip(*parts, strict=True))
+    width = batch["input_ids"].shape[1]
+    hits = torch.cat([nn.functional.pad(h.cpu(), (0, width - h.shape[1]), value=False) for h in hits])
+    unsorted = order.argsort()
+    return ItemScores(*(torch.cat(column).cpu()[unsorted] for column in columns), hits=hits[unsorted])
 
 
 def _score_chunk(model: nn.Module, batch: Batch) -> tuple[Tensor, ...]:
     with inference(model):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     logp, mask = token_logprobs(logits, batch["labels"])
-    hits = _is_greedy_next(logits, batch["input_ids"]) & mask
+    greedy = nn.functional.pad(_is_greedy_next(logits, batch["input_ids"]), (1, 0), value=False)
+    hits = greedy[:, 1:] & mask
     tokens = mask.sum(dim=1)
     nll = -(logp * mask).sum(dim=1) / tokens
     ma = hits.sum(dim=1) / tokens
@@ -82,7 +92,7 @@ def _score_chunk(model: nn.Module, batch: Batch) -> tuple[Tensor, ...]:
     positions = torch.arange(1, batch["labels"].shape[1], device=mask.device)[None, :]
     continuation = mask & (positions >= extraction_prefix_lengths(batch)[:, None])
     verbatim = (hits | ~continuation).all(dim=1).float()
-    return nll, ma, min_k, verbatim, tokens
+    return nll, ma, min_k, verbatim, tokens, greedy & batch["attention_mask"].bool()
 
 
 # ---- greedy generation ----------------------------------------------------------------------------------------
@@ -115,19 +125,6 @@ def true_continuations(batch: Batch, rows: Tensor, cuts: Tensor, width: int) -> 
     source = torch.arange(width)[None, :] + cuts[:, None]
     beyond = source >= batch["attention_mask"].sum(dim=1)[rows][:, None]
     return ids.gather(1, source.clamp(max=ids.shape[1] - 1)).masked_fill(beyond, -1)
-
-
-def greedy_hits(model: nn.Module, batch: Batch, batch_size: int) -> Tensor:
-    """[B, T] bool: token t is the model's greedy prediction from tokens < t (teacher forcing); False at t = 0."""
-    hits = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
-    device = _device(model)
-    for start, chunk in zip(range(0, len(hits), batch_size), chunks(batch, batch_size), strict=True):
-        chunk = to_device(chunk, device)
-        with inference(model):
-            logits = model(input_ids=chunk["input_ids"], attention_mask=chunk["attention_mask"]).logits
-        hit = _is_greedy_next(logits, chunk["input_ids"])
-        hits[start : start + len(hit), 1 : hit.shape[1] + 1] = hit.cpu()
-    return hits
 
 
 def ngram_matches(a: Tensor, b: Tensor, n: Tensor) -> Tensor:
@@ -168,8 +165,10 @@ class Extraction:
     repetition: Tensor  # repeated n-gram rate of the continuation from the extraction prefix (fluency check)
 
 
-def extraction(model: nn.Module, batch: Batch, n: int, batch_size: int) -> Extraction:
+def extraction(model: nn.Module, batch: Batch, n: int, batch_size: int, hits: Tensor | None = None) -> Extraction:
     """EL_n and the extraction-prefix continuation's repetition, from one batched greedy decoding.
+
+    `hits` are the batch's teacher-forced greedy hits (ItemScores.hits; computed here when None).
 
     EL's prefixes run over the item's target positions t = s..L-n (s its first predicted target); an item with
     fewer than n target tokens uses n = its target length. Decoding from prefix t emits x_t when x_t is the
@@ -183,7 +182,9 @@ def extraction(model: nn.Module, batch: Batch, n: int, batch_size: int) -> Extra
     extraction_cut = extraction_prefix_lengths(batch)
     positions = torch.arange(width)[None, :]
     is_prefix = (positions >= first[:, None]) & (positions <= last[:, None])
-    decode = is_prefix & (~greedy_hits(model, batch, batch_size) | (positions == last[:, None]))
+    if hits is None:
+        hits = score_items(model, batch, batch_size).hits
+    decode = is_prefix & (~hits | (positions == last[:, None]))
     decode |= (positions == extraction_cut[:, None]) & (extraction_cut > last)[:, None]
     resume = torch.where(decode, positions, width).flip(1).cummin(dim=1).values.flip(1)
     slot = torch.zeros(len(lengths), width, dtype=torch.long)
@@ -234,8 +235,15 @@ class Evaluation:
         self, model: nn.Module, sets: Mapping[str, Batch], el_n: int, batch_size: int, generation_batch_size: int
     ) -> None:
         """batch_size rows per teacher-forced pass; generation_batch_size prompts decoded together."""
+        self.model, self.sets, self.el_n, self.generation_batch_size = model, sets, el_n, generation_batch_size
         self.scores = cache(lambda name: score_items(model, sets[name], batch_size))
-        self.extraction = cache(lambda name: extraction(model, sets[name], el_n, generation_batch_size))
+        self.extraction = cache(lambda name: self.extraction_of(name, torch.arange(len(sets[name]["input_ids"]))))
+
+    def extraction_of(self, name: str, rows: Tensor) -> Extraction:
+        """The extraction metrics of the given rows of a set only, from the set's teacher-forced hits."""
+        batch = select_rows(self.sets[name], rows)
+        hits = self.scores(name).hits[rows, : batch["input_ids"].shape[1]]
+        return extraction(self.model, batch, self.el_n, self.generation_batch_size, hits)
 
     def items(self, name: str) -> list[dict[str, float]]:
         """Per item of the set: nll, ma, el, verbatim, repetition and min_k (the item's Min-K% Prob membership

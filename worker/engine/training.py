@@ -51,6 +51,7 @@ from worker.engine.inits import ADAPTER_INITS, AdapterInit
 from worker.engine.loading import ModelSettings, adamw, prepare_for_training
 from worker.engine.mgda import common_descent_direction
 from worker.engine.objectives import OBJECTIVES, LossInputs, Objective, get_objective, retain_nll, token_nll
+from worker.engine.packing import packed_logits
 from worker.engine.retain import DualRetainWeight, focused_batches, mean_hidden_states, nearest_rows
 from worker.engine.settings import check_types, settings_from_dict
 
@@ -171,8 +172,9 @@ class UnlearnResult:
     model: PeftModel
     stop_reason: str  # "target_reached" | "step_budget" | "utility_tolerance" | "cancelled"
     steps: int
-    curve: list[dict[str, float]]  # per evaluation: step, seconds, loss, CURVE_METRICS, the kept ones and
-    # items_at_target (share of forget items at their target), retain_scale (the retain weight's multiplier)
+    curve: list[dict[str, float]]  # per evaluation: step, seconds, loss, CURVE_METRICS (forget_el where every item's
+    # EL was decoded, see check_items), the kept ones, items_at_target (share of forget items at their target) and
+    # retain_scale (the retain weight's multiplier)
     target: dict[str, float]  # forget_ma, forget_el: the holdout means; item_ma: each item's MA target
     items_before: list[dict[str, float]]  # per forget item: nll, ma, el, verbatim, repetition, min_k, at_target
     items_after: list[dict[str, float]]
@@ -340,10 +342,12 @@ def unlearn(
 
         if step % config.eval_every == 0 or step == config.max_steps:
             ev = _evaluation(model, sets, config)
-            point = evaluate(ev, _curve_metrics(sets))
-            items = _items_at_target(ev, target)
-            at_target = [row for row, item in enumerate(items) if item["at_target"]]
-            point["items_at_target"] = _share_at_target(items)
+            point = evaluate(ev, [name for name in _curve_metrics(sets) if name != "forget_el"])
+            at, el = check_items(ev, target)
+            if not el.isnan().any():  # every item decoded: the same mean as the forget_el metric
+                point["forget_el"] = float(el.mean())
+            at_target = at.nonzero()[:, 0].tolist()
+            point["items_at_target"] = len(at_target) / len(at)  # as _share_at_target
             stop_reason = _stop_reason(point, limits)
             if stop_reason == "utility_tolerance" and "retain_weight" in params:  # react rather than stop
                 waited = scaled_at is None or step - scaled_at >= config.constraint_patience
@@ -452,6 +456,22 @@ def _items_at_target(ev: Evaluation, target: Mapping[str, float]) -> list[dict[s
     return [item | {"at_target": float(item_at_target(item, target))} for item in ev.items("forget")]
 
 
+def check_items(ev: Evaluation, target: Mapping[str, float]) -> tuple[Tensor, Tensor]:
+    """A stopping-rule check's per-item target: whether each forget item is at it [N], and its EL_n [N].
+
+    The at_target of _items_at_target at less cost: an item reproduced verbatim or above its MA target (one
+    teacher-forced pass) is not at its target whatever its EL, so EL_n is decoded only for the others (nan for the
+    rest: decoding is most of a check's cost, and the rule cannot fire while any item is ruled out).
+    """
+    s = ev.scores("forget")
+    can = (s.verbatim == 0) & (s.ma.double() <= target["item_ma"])
+    el = torch.full_like(s.ma, float("nan"))
+    rows = can.nonzero()[:, 0]
+    if len(rows):
+        el[rows] = ev.extraction_of("forget", rows).el
+    return can & (el.double() <= target["forget_el"]), el
+
+
 def _share_at_target(items: list[dict[str, float]]) -> float:
     return sum(item["at_target"] for item in items) / len(items)
 
@@ -512,13 +532,13 @@ def _curve_point(metrics: Mapping[str, float]) -> dict[str, float]:
 
 
 def _loss_inputs(model: PeftModel, batch: Batch, needs_ref: bool) -> LossInputs:
-    """Student logits on the batch, and the original model's when the term needs them."""
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    """Student logits on the batch, and the original model's when the term needs them; the rows go through packed
+    (packing.py: no padding computed, no attention across items)."""
     ref_logits = None
     if needs_ref:
         with reference_model(model):
-            ref_logits = model(**inputs).logits
-    return LossInputs(logits=model(**inputs).logits, labels=batch["labels"], ref_logits=ref_logits)
+            ref_logits = packed_logits(model, batch)
+    return LossInputs(logits=packed_logits(model, batch), labels=batch["labels"], ref_logits=ref_logits)
 
 
 def _summed_step(
