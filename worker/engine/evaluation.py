@@ -325,7 +325,12 @@ def mia_gap_min_k(ev: Evaluation) -> float:
 def item_at_target(item: Mapping[str, float], target: Mapping[str, float]) -> bool:
     """The per-item forget target (Jang et al. 2022's stopping rule, item by item): greedy decoding does not reproduce
     the item, its EL_n is at or below the holdout items' mean (`forget_el`) and its MA at or below `item_ma`."""
-    return item["verbatim"] == 0 and item["el"] <= target["forget_el"] and item["ma"] <= target["item_ma"]
+    return bool(may_be_at_target(item["verbatim"], item["ma"], target)) and item["el"] <= target["forget_el"]
+
+
+def may_be_at_target(verbatim: Tensor | float, ma: Tensor | float, target: Mapping[str, float]) -> Tensor | bool:
+    """item_at_target's conditions but EL's (elementwise on tensors): what one teacher-forced pass can rule out."""
+    return (verbatim == 0) & (ma <= target["item_ma"])
 
 
 def holdout_ma_level(ev: Evaluation, quantile: float | None) -> float:

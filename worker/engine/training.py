@@ -46,7 +46,14 @@ from worker.engine.data import (
     split_template_targets,
     to_device,
 )
-from worker.engine.evaluation import Evaluation, evaluate, holdout_ma_level, item_at_target, score_items
+from worker.engine.evaluation import (
+    Evaluation,
+    evaluate,
+    holdout_ma_level,
+    item_at_target,
+    may_be_at_target,
+    score_items,
+)
 from worker.engine.inits import ADAPTER_INITS, AdapterInit
 from worker.engine.loading import ModelSettings, adamw, prepare_for_training
 from worker.engine.mgda import common_descent_direction
@@ -464,7 +471,7 @@ def check_items(ev: Evaluation, target: Mapping[str, float]) -> tuple[Tensor, Te
     rest: decoding is most of a check's cost, and the rule cannot fire while any item is ruled out).
     """
     s = ev.scores("forget")
-    can = (s.verbatim == 0) & (s.ma.double() <= target["item_ma"])
+    can = may_be_at_target(s.verbatim, s.ma.double(), target)
     el = torch.full_like(s.ma, float("nan"))
     rows = can.nonzero()[:, 0]
     if len(rows):
